@@ -1,0 +1,3 @@
+"""relay: an SMTP relay for application and marketing mail."""
+
+__version__ = "0.1.0"

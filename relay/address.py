@@ -1,0 +1,114 @@
+"""Envelope address validation (RFC 5321 section 4.1.2, RFC 6531 section 3.3).
+
+aiosmtpd has already taken the path apart (angle brackets, source routes); this module
+decides whether the mailbox left over is one the relay may accept and pass on, and gives
+the canonical form used for look-ups (domain lower-cased, local part kept as it is:
+RFC 5321 section 2.4 says the local part is case-sensitive).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from relay import replies
+from relay.replies import Reply
+
+# RFC 5321 4.1.2: atext of RFC 5322, and qtextSMTP / quoted-pairSMTP.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_DOT_STRING = re.compile(rf"^[{_ATEXT}]+(?:\.[{_ATEXT}]+)*$")
+_DOT_STRING_UTF8 = re.compile(rf"^[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*$")
+_QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"$')
+_QUOTED_UTF8 = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_LABEL_UTF8 = re.compile(r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*"
+                         r"[A-Za-z0-9\u0080-\U0010ffff])?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _split(mailbox: str) -> tuple[str, str] | None:
+    """Split at the last @ that is outside the quoted local part."""
+    if mailbox.startswith('"'):
+        end = 1
+        while end < len(mailbox):
+            ch = mailbox[end]
+            if ch == "\\":
+                end += 2
+                continue
+            if ch == '"':
+                break
+            end += 1
+        local, rest = mailbox[: end + 1], mailbox[end + 1:]
+        if not rest.startswith("@"):
+            return None
+        return local, rest[1:]
+    local, at, domain = mailbox.rpartition("@")
+    if not at:
+        return None
+    return local, domain
+
+
+def _valid_domain(domain: str, smtputf8: bool) -> bool:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        if literal.lower().startswith("ipv6:"):
+            literal = literal[5:]
+            try:
+                return ipaddress.ip_address(literal).version == 6
+            except ValueError:
+                return False
+        try:
+            return ipaddress.ip_address(literal).version == 4
+        except ValueError:
+            return False
+    if len(domain.encode("utf-8")) > 255 or "." not in domain:
+        return False
+    label = _LABEL_UTF8 if smtputf8 else _LABEL
+    return all(label.match(part) for part in domain.split("."))
+
+
+def check_mailbox(mailbox: str, *, smtputf8: bool, sender: bool) -> Reply | None:
+    """Return the refusal for an envelope mailbox, or None when it is acceptable.
+
+    `mailbox` is aiosmtpd's address string: decoded UTF-8 with surrogate escapes for
+    undecodable bytes. The null sender is handled by the caller.
+    """
+    bad = replies.R501_BAD_SENDER if sender else replies.R501_BAD_RCPT
+    if _CONTROL.search(mailbox):
+        return replies.R501_CONTROL_CHARS
+    try:
+        encoded = mailbox.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes: bytes that are not UTF-8
+        return bad
+    if not mailbox.isascii() and not smtputf8:
+        # RFC 6531 3.4/3.5: a non-ASCII address needs the SMTPUTF8 parameter on MAIL.
+        return replies.R553_UTF8_NEEDS_SMTPUTF8
+    if len(encoded) > 254:  # RFC 5321 4.5.3.1.3: path <= 256 octets with the brackets
+        return bad
+    parts = _split(mailbox)
+    if parts is None:
+        return bad
+    local, domain = parts
+    if not local or len(local.encode("utf-8")) > 64:  # RFC 5321 4.5.3.1.1
+        return bad
+    if smtputf8:
+        local_ok = _DOT_STRING_UTF8.match(local) or _QUOTED_UTF8.match(local)
+    else:
+        local_ok = _DOT_STRING.match(local) or _QUOTED.match(local)
+    if not local_ok or not _valid_domain(domain, smtputf8):
+        return bad
+    return None
+
+
+def canonical(mailbox: str) -> str:
+    """The form used for look-ups: domain lower-cased, local part unchanged."""
+    parts = _split(mailbox)
+    if parts is None:
+        return mailbox
+    local, domain = parts
+    return f"{local}@{domain.lower()}"
+
+
+def domain_of(mailbox: str) -> str:
+    parts = _split(mailbox)
+    return parts[1].lower() if parts else ""

@@ -1,0 +1,541 @@
+"""relay.toml -> frozen, typed, validated configuration objects.
+
+Every problem is reported as one line naming the file and the key, and all problems of a
+file are collected before anything is refused, so an admin fixes them in one pass.
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one line per fault."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "k": 1024, "m": 1024**2, "g": 1024**3,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(ms|s|m|h|d)\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """"30s", "5m", "1h", "2d", "250ms" -> seconds. Bare numbers are refused: say the unit."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a duration string such as \"30s\" or \"5m\", got {value!r}")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ValueError(f"bad duration {value!r}: use a number and one of ms, s, m, h, d, w")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: object) -> int:
+    """"25MiB", "10KB", "10240" or 10240 -> bytes."""
+    if isinstance(value, bool):
+        raise TypeError(f"expected a size such as \"25MiB\", got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"expected a size such as \"25MiB\", got {value!r}")
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"bad size {value!r}: use a number and one of B, KB, MB, KiB, MiB, GiB")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_rate(value: object) -> tuple[float, float]:
+    """"20/s", "1000/h", "5/10s" -> (count, period in seconds)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a rate such as \"20/s\", got {value!r}")
+    m = _RATE_RE.match(value)
+    if not m:
+        raise ValueError(f"bad rate {value!r}: use COUNT/UNIT such as \"20/s\" or \"500/h\"")
+    count = float(m.group(1))
+    period = float(m.group(2) or 1) * _DURATION_UNITS[m.group(3)]
+    if count <= 0 or period <= 0:
+        raise ValueError(f"bad rate {value!r}: count and period must be positive")
+    return count, period
+
+
+def parse_hostport(value: object, default_port: int | None = None) -> tuple[str, int]:
+    """"127.0.0.1:2525", "[::1]:25", "mail.example.net" (with a default port)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected \"HOST:PORT\", got {value!r}")
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$", value)
+    if m:
+        host, port = m.group(1), m.group(2)
+    else:
+        host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+        if not host:
+            host, port = value, ""
+    if not port:
+        if default_port is None:
+            raise ValueError(f"{value!r} has no port: write HOST:PORT")
+        return host, default_port
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port)
+
+
+# --- the sections ------------------------------------------------------------------------
+
+STREAMS = ("transactional", "marketing")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "relay.example.test"
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    mynetworks: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
+    default_stream: str = "transactional"
+    auth_require_tls: bool = True
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+    max_sessions: int = 1000
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: Path = Path("var/relay.db")
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0, 14400.0)
+    lifetime: float = 5 * 86400.0
+    group_commit_window: float = 0.002
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    mode: str = "smarthost"
+    smarthost: tuple[str, int] | None = ("127.0.0.1", 2526)
+    tls: str = "none"
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
+    username_env: str | None = None
+    password_env: str | None = None
+    max_connections: int = 10
+    max_messages_per_connection: int = 100
+    idle_timeout: float = 30.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    helo_name: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 8025)
+    public_url: str = "http://127.0.0.1:8025"
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    secret_env: str = "RELAY_UNSUBSCRIBE_SECRET"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    file: str = "-"
+    format: str = "postfix"
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class DkimKeyConfig:
+    domain: str
+    selector: str
+    key: Path
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str
+    password_env: str | None = None
+    from_domains: tuple[str, ...] = ()
+    stream: str = "transactional"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    unsubscribe: UnsubscribeConfig = field(default_factory=UnsubscribeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    dkim: tuple[DkimKeyConfig, ...] = ()
+    apps: tuple[AppConfig, ...] = ()
+
+
+# --- the reader --------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+class _Section:
+    """Takes keys out of one table, converting them; records one problem per bad key."""
+
+    def __init__(self, loader: _Loader, name: str, table: object):
+        self.loader = loader
+        self.name = name
+        if not isinstance(table, dict):
+            loader.problem(name, f"must be a table, got {type(table).__name__}")
+            table = {}
+        self.table: dict[str, Any] = dict(table)
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, default: T, convert: Callable[[Any], T]) -> T:
+        raw = self.table.pop(key, _MISSING)
+        if raw is _MISSING:
+            return default
+        try:
+            return convert(raw)
+        except (ValueError, TypeError) as exc:
+            self.loader.problem(self.key(key), str(exc))
+            return default
+
+    def required(self, key: str, convert: Callable[[Any], T]) -> T | None:
+        if key not in self.table:
+            self.loader.problem(self.key(key), "is required")
+            return None
+        return self.get(key, None, convert)  # type: ignore[arg-type]
+
+    def done(self) -> None:
+        for key in sorted(self.table):
+            self.loader.problem(self.key(key), "unknown key")
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _nonempty_str(value: object) -> str:
+    s = _str(value)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _one_of(*choices: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value  # type: ignore[return-value]
+
+    return convert
+
+
+def _env_name(value: object) -> str:
+    s = _str(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s):
+        raise ValueError(f"{s!r} is not an environment variable name")
+    return s
+
+
+def _hostname(value: object) -> str:
+    s = _str(value)
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", s):
+        raise ValueError(f"{s!r} is not a valid host name")
+    return s
+
+
+def _domain(value: object) -> str:
+    return _hostname(value).lower()
+
+
+class _Loader:
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.base = path.parent if path else Path.cwd()
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        where = str(self.path) if self.path else "relay.toml"
+        self.problems.append(f"{where}: {key}: {message}")
+
+    def path_value(self, value: object) -> Path:
+        p = Path(_nonempty_str(value))
+        return p if p.is_absolute() else self.base / p
+
+    def readable_file(self, value: object) -> Path:
+        p = self.path_value(value)
+        if not p.is_file() or not os.access(p, os.R_OK):
+            raise ValueError(f"cannot read file {str(p)!r}")
+        return p
+
+    # -- sections --
+
+    def server(self, raw: object) -> ServerConfig:
+        s = _Section(self, "server", raw)
+        d = ServerConfig()
+
+        def listen(v: object) -> tuple[tuple[str, int], ...]:
+            items = _str_list(v)
+            if not items:
+                raise ValueError("needs at least one HOST:PORT")
+            return tuple(parse_hostport(i) for i in items)
+
+        def networks(v: object) -> tuple[IPNetwork, ...]:
+            out = []
+            for item in _str_list(v):
+                try:
+                    out.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP network") from None
+            return tuple(out)
+
+        cfg = ServerConfig(
+            hostname=s.get("hostname", d.hostname, _hostname),
+            listen=s.get("listen", d.listen, listen),
+            tls_cert=s.get("tls_cert", None, self.readable_file),
+            tls_key=s.get("tls_key", None, self.readable_file),
+            mynetworks=s.get("mynetworks", d.mynetworks, networks),
+            default_stream=s.get("default_stream", d.default_stream, _one_of(*STREAMS)),
+            auth_require_tls=s.get("auth_require_tls", d.auth_require_tls, _bool),
+            max_message_size=s.get("max_message_size", d.max_message_size, parse_size),
+            max_recipients=s.get("max_recipients", d.max_recipients, _positive_int),
+            max_sessions=s.get("max_sessions", d.max_sessions, _positive_int),
+            command_timeout=s.get("command_timeout", d.command_timeout, parse_duration),
+            data_timeout=s.get("data_timeout", d.data_timeout, parse_duration),
+        )
+        if (cfg.tls_cert is None) != (cfg.tls_key is None):
+            self.problem("server.tls_key" if cfg.tls_key is None else "server.tls_cert",
+                         "tls_cert and tls_key go together")
+        if cfg.max_message_size < 1024:
+            self.problem("server.max_message_size", "must be at least 1KiB")
+        s.done()
+        return cfg
+
+    def queue(self, raw: object) -> QueueConfig:
+        s = _Section(self, "queue", raw)
+        d = QueueConfig()
+
+        def retry(v: object) -> tuple[float, ...]:
+            steps = tuple(parse_duration(i) for i in _str_list(v))
+            if not steps:
+                raise ValueError("needs at least one duration")
+            return steps
+
+        cfg = QueueConfig(
+            path=s.get("path", self.base / d.path, self.path_value),
+            retry=s.get("retry", d.retry, retry),
+            lifetime=s.get("lifetime", d.lifetime, parse_duration),
+            group_commit_window=s.get("group_commit_window", d.group_commit_window,
+                                      parse_duration),
+        )
+        s.done()
+        return cfg
+
+    def outbound(self, raw: object) -> OutboundConfig:
+        s = _Section(self, "outbound", raw)
+        d = OutboundConfig()
+        mode = s.get("mode", d.mode, _one_of("smarthost", "mx"))
+        smarthost = s.get("smarthost", None, lambda v: parse_hostport(v, 25))
+        if mode == "smarthost" and smarthost is None and "smarthost" not in s.table:
+            self.problem("outbound.smarthost", "is required when mode = \"smarthost\"")
+        if mode == "mx":
+            self.problem("outbound.mode", "\"mx\" (direct delivery) is not implemented yet; "
+                         "use \"smarthost\"")
+        cfg = OutboundConfig(
+            mode=mode,
+            smarthost=smarthost,
+            tls=s.get("tls", d.tls, _one_of("none", "opportunistic", "starttls", "tls")),
+            tls_verify=s.get("tls_verify", d.tls_verify, _bool),
+            tls_ca_file=s.get("tls_ca_file", None, self.readable_file),
+            username_env=s.get("username_env", None, _env_name),
+            password_env=s.get("password_env", None, _env_name),
+            max_connections=s.get("max_connections", d.max_connections, _positive_int),
+            max_messages_per_connection=s.get("max_messages_per_connection",
+                                              d.max_messages_per_connection, _positive_int),
+            idle_timeout=s.get("idle_timeout", d.idle_timeout, parse_duration),
+            connect_timeout=s.get("connect_timeout", d.connect_timeout, parse_duration),
+            command_timeout=s.get("command_timeout", d.command_timeout, parse_duration),
+            helo_name=s.get("helo_name", None, _hostname),
+        )
+        if (cfg.username_env is None) != (cfg.password_env is None):
+            self.problem("outbound.password_env" if cfg.password_env is None
+                         else "outbound.username_env", "username_env and password_env go together")
+        for key in ("username_env", "password_env"):
+            name = getattr(cfg, key)
+            if name is not None and name not in os.environ:
+                self.problem(f"outbound.{key}", f"environment variable {name} is not set")
+        s.done()
+        return cfg
+
+    def http(self, raw: object) -> HttpConfig:
+        s = _Section(self, "http", raw)
+        d = HttpConfig()
+
+        def url(v: object) -> str:
+            u = _str(v)
+            if not re.match(r"^https?://[^\s/]+(/\S*)?$", u):
+                raise ValueError(f"{u!r} is not an http(s) URL")
+            return u.rstrip("/")
+
+        cfg = HttpConfig(
+            listen=s.get("listen", d.listen, lambda v: None if v == "" else parse_hostport(v)),
+            public_url=s.get("public_url", d.public_url, url),
+        )
+        s.done()
+        return cfg
+
+    def unsubscribe(self, raw: object) -> UnsubscribeConfig:
+        s = _Section(self, "unsubscribe", raw)
+        cfg = UnsubscribeConfig(secret_env=s.get("secret_env", UnsubscribeConfig.secret_env,
+                                                 _env_name))
+        s.done()
+        return cfg
+
+    def log(self, raw: object) -> LogConfig:
+        s = _Section(self, "log", raw)
+        file = s.get("file", "-", _nonempty_str)
+        if file != "-":
+            file = str(self.path_value(file))
+        cfg = LogConfig(file=file, format=s.get("format", "postfix", _one_of("postfix", "json")))
+        s.done()
+        return cfg
+
+    def dns(self, raw: object) -> DnsConfig:
+        s = _Section(self, "dns", raw)
+        cfg = DnsConfig(nameservers=s.get(
+            "nameservers", (), lambda v: tuple(parse_hostport(i, 53) for i in _str_list(v))))
+        s.done()
+        return cfg
+
+    def dkim(self, raw: object) -> tuple[DkimKeyConfig, ...]:
+        if not isinstance(raw, list):
+            self.problem("dkim", "must be an array of tables: [[dkim]]")
+            return ()
+        out = []
+        for i, item in enumerate(raw):
+            s = _Section(self, f"dkim[{i}]", item)
+            domain = s.required("domain", _domain)
+            selector = s.required("selector", _hostname)
+            key = s.required("key", self.readable_file)
+            s.done()
+            if domain and selector and key:
+                out.append(DkimKeyConfig(domain, selector, key))
+        return tuple(out)
+
+    def apps(self, raw: object) -> tuple[AppConfig, ...]:
+        if not isinstance(raw, list):
+            self.problem("app", "must be an array of tables: [[app]]")
+            return ()
+        out = []
+        names: set[str] = set()
+        for i, item in enumerate(raw):
+            s = _Section(self, f"app[{i}]", item)
+            name = s.required("name", _nonempty_str)
+            app = AppConfig(
+                name=name or "",
+                password_env=s.get("password_env", None, _env_name),
+                from_domains=s.get("from_domains", (),
+                                   lambda v: tuple(_domain(d) for d in _str_list(v))),
+                stream=s.get("stream", "transactional", _one_of(*STREAMS)),
+            )
+            s.done()
+            if name in names:
+                self.problem(f"app[{i}].name", f"duplicate app name {name!r}")
+            names.add(app.name)
+            out.append(app)
+        return tuple(out)
+
+
+_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "log", "dns", "dkim", "app")
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    loader = _Loader(path)
+    for key in sorted(set(data) - set(_SECTIONS)):
+        loader.problem(key, "unknown section")
+    cfg = Config(
+        path=path,
+        server=loader.server(data.get("server", {})),
+        queue=loader.queue(data.get("queue", {})),
+        outbound=loader.outbound(data.get("outbound", {})),
+        http=loader.http(data.get("http", {})),
+        unsubscribe=loader.unsubscribe(data.get("unsubscribe", {})),
+        log=loader.log(data.get("log", {})),
+        dns=loader.dns(data.get("dns", {})),
+        dkim=loader.dkim(data.get("dkim", [])),
+        apps=loader.apps(data.get("app", [])),
+    )
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a relay.toml; raise ConfigError with one line per problem."""
+    p = Path(path).resolve()
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: TOML syntax error: {exc}"]) from None
+    return parse_config(data, p)
+
+
+def default_config_path() -> Path:
+    """--config defaults to $RELAY_CONFIG, then ./relay.toml."""
+    return Path(os.environ.get("RELAY_CONFIG") or "relay.toml")

@@ -1,0 +1,1 @@
+"""Policies: access, sender rules, rate limits, header rules, List-Unsubscribe."""

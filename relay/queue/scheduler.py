@@ -1,0 +1,179 @@
+"""The scheduler: takes due recipients from the store, delivers them, writes the outcome.
+
+Transient failures go back to the queue on the [queue].retry schedule (last step repeats,
+with jitter) until [queue].lifetime has passed since the message arrived, then expire;
+permanent ones bounce. An unexpected error in delivery is treated as transient
+(the slimta rule): mail is never dropped because of a bug in a deliverer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from relay import replies
+from relay.log import QMGR, SMTP
+from relay.outbound import Deliverer, RcptResult
+from relay.outbound.classify import Action, classify, from_catalogue
+from relay.queue import Job, QueueStore, Settlement, State
+
+
+def backoff(attempts: int, steps: tuple[float, ...], rng: random.Random) -> float:
+    """Delay before the next attempt after `attempts` failed ones (jitter +-20 %)."""
+    base = steps[min(max(attempts, 1), len(steps)) - 1]
+    return base * rng.uniform(0.8, 1.2)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class Scheduler:
+    def __init__(self, store: QueueStore, deliverer: Deliverer, *,
+                 retry: tuple[float, ...], lifetime: float, concurrency: int,
+                 max_rcpts: int = 100, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None, idle_poll: float = 5.0):
+        self.store = store
+        self.deliverer = deliverer
+        self.retry = retry
+        self.lifetime = lifetime
+        self.concurrency = concurrency
+        self.max_rcpts = max_rcpts
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.idle_poll = idle_poll
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """New mail was queued (or flushed): look for due work now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def stop(self, deadline: float = 30.0) -> None:
+        """Stop claiming; let deliveries in flight finish within `deadline` seconds.
+
+        Deliveries cut off by the deadline keep their lease; `recover` at the next start
+        returns them to the queue (at-least-once)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._inflight:
+            _, late = await asyncio.wait(set(self._inflight), timeout=deadline)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            free = self.concurrency - len(self._inflight)
+            jobs: list[Job] = []
+            if free > 0:
+                try:
+                    jobs = await self.store.claim(self.clock(), free, self.max_rcpts)
+                except Exception:  # noqa: BLE001 - a store fault must not stop the scheduler
+                    QMGR.exception("queue: cannot claim due mail; retrying in 1s")
+                    await asyncio.sleep(1.0)
+                    continue
+                for job in jobs:
+                    task = asyncio.get_running_loop().create_task(self._attempt(job))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
+            if jobs and len(jobs) == free:
+                continue   # there may be more due work; loop until claims come back short
+            await self._sleep_until_due(free)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+
+    async def _sleep_until_due(self, free: int) -> None:
+        timeout = self.idle_poll
+        if free > 0:
+            try:
+                nxt = await self.store.next_due()
+            except Exception:  # noqa: BLE001 - then poll again later
+                nxt = None
+            if nxt is not None:
+                timeout = min(timeout, max(nxt - self.clock(), 0.0))
+        if timeout <= 0:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _attempt(self, job: Job) -> None:
+        try:
+            results = await self.deliverer.deliver(job)
+        except Exception as exc:  # noqa: BLE001 - an unexpected error is transient (slimta)
+            SMTP.exception("%s: delivery failed unexpectedly", job.queue_id)
+            reply = from_catalogue(replies.R451_DELIVERY_ERROR, detail=type(exc).__name__)
+            results = [RcptResult(r, reply) for r in job.recipients]
+        missing = {r.id for r in job.recipients} - {res.recipient.id for res in results}
+        if missing:  # a deliverer must answer for every recipient; never lose one
+            reply = from_catalogue(replies.R451_DELIVERY_ERROR, detail="no result")
+            results += [RcptResult(r, reply) for r in job.recipients if r.id in missing]
+        await self._settle(job, results)
+
+    async def _settle(self, job: Job, results: list[RcptResult]) -> None:
+        now = self.clock()
+        settlements: list[Settlement] = []
+        events: list[tuple[str, str, str]] = []
+        lines: list[tuple[int, str]] = []
+        for res in results:
+            rcpt, reply = res.recipient, res.reply
+            verdict = classify(reply)
+            delay = now - job.received_at
+            head = (f"{job.queue_id}: to=<{rcpt.address}>, relay={res.relay}, "
+                    f"delay={delay:.2f}, dsn={reply.enhanced or _dsn(reply.code)}")
+            if verdict.action is Action.DELIVERED:
+                settlements.append(Settlement(rcpt.id, State.DELIVERED, now, str(reply)))
+                events.append((rcpt.address, "delivered", str(reply)))
+                lines.append((logging.INFO, f"{head}, status=sent ({reply})"))
+            elif verdict.action is Action.BOUNCE:
+                settlements.append(Settlement(rcpt.id, State.BOUNCED, now, str(reply)))
+                events.append((rcpt.address, "bounced", str(reply)))
+                lines.append((logging.INFO, f"{head}, status=bounced ({reply})"))
+            elif now - job.received_at >= self.lifetime:
+                why = from_catalogue(replies.R4XX_EXPIRED, lifetime=_duration(self.lifetime),
+                                     last=str(reply))
+                settlements.append(Settlement(rcpt.id, State.EXPIRED, now, str(reply),
+                                              res.counts))
+                events.append((rcpt.address, "expired", str(reply)))
+                lines.append((logging.INFO, f"{head}, status=expired ({why.text})"))
+            else:
+                attempts = rcpt.attempts + (1 if res.counts else 0)
+                # An attempt that does not count (our side's fault) is retried soon, not at once.
+                nxt = now + (backoff(attempts, self.retry, self.rng) if res.counts else 1.0)
+                settlements.append(Settlement(rcpt.id, State.QUEUED, nxt, str(reply),
+                                              res.counts))
+                events.append((rcpt.address, "deferred", str(reply)))
+                lines.append((logging.INFO, f"{head}, status=deferred ({reply})"))
+        try:
+            removed = await self.store.settle(job.queue_id, settlements, events)
+        except Exception:  # noqa: BLE001 - the lease stays; see below
+            # The lease stays; recover() at the next start retries these recipients.
+            QMGR.exception("%s: cannot record delivery outcome", job.queue_id)
+            return
+        for level, line in lines:
+            SMTP.log(level, line)
+        if removed:
+            QMGR.info("%s: removed", job.queue_id)
+
+
+def _dsn(code: int) -> str:
+    return f"{code // 100}.0.0"

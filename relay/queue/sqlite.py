@@ -1,0 +1,378 @@
+"""The SQLite queue store: WAL, synchronous=FULL, one writer thread with group commit.
+
+Every statement runs on one dedicated thread with one connection, so the event loop never
+waits on disk. Work that arrives while a commit is being fsync'd is gathered and committed
+together: one fsync for many messages under load (group commit), and each caller's future is
+resolved only after the COMMIT that holds its work has returned. Each piece of work runs in
+its own SAVEPOINT, so one failing piece does not undo the others of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue as stdqueue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.queue import (
+    Job,
+    NewMessage,
+    QueueEntry,
+    Recipient,
+    Settlement,
+    State,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id    TEXT PRIMARY KEY,
+    sender      TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    size        INTEGER NOT NULL,
+    smtputf8    INTEGER NOT NULL,
+    eightbit    INTEGER NOT NULL,
+    client      TEXT NOT NULL,
+    app         TEXT,
+    stream      TEXT NOT NULL,
+    meta        TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id           INTEGER PRIMARY KEY,
+    queue_id     TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    address      TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply   TEXT,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS recipients_message ON recipients(queue_id);
+CREATE INDEX IF NOT EXISTS recipients_active ON recipients(state) WHERE state = 'active';
+CREATE TABLE IF NOT EXISTS events (
+    id        INTEGER PRIMARY KEY,
+    ts        REAL NOT NULL,
+    queue_id  TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    event     TEXT NOT NULL,
+    reply     TEXT
+);
+CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
+"""
+
+_STOP = object()
+
+
+class _Writer(threading.Thread):
+    """The one thread that owns the connection. Batches work into transactions."""
+
+    def __init__(self, path: Path, max_batch: int = 512):
+        super().__init__(name=f"relay-db:{path.name}", daemon=True)
+        self.path = path
+        self.max_batch = max_batch
+        self.inbox: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
+        self.ready = threading.Event()
+        self.open_error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(SCHEMA)
+        except BaseException as exc:  # noqa: BLE001 - reported to open()
+            self.open_error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            self._loop(conn)
+        finally:
+            conn.close()
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self.inbox.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self.inbox.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+            if stop:
+                return
+
+    @staticmethod
+    def _run_batch(conn: sqlite3.Connection, batch: list[Any]) -> None:
+        results: list[tuple[Any, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for fn, done in batch:
+                done(None, exc)
+            return
+        for fn, done in batch:
+            try:
+                conn.execute("SAVEPOINT work")
+                value = fn(conn)
+                conn.execute("RELEASE work")
+                results.append((done, value, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                try:
+                    conn.execute("ROLLBACK TO work")
+                    conn.execute("RELEASE work")
+                except sqlite3.Error:
+                    pass
+                results.append((done, None, exc))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for done, _value, _err in results:
+                done(None, exc)
+            return
+        for done, value, err in results:
+            done(value, err)
+
+
+class SQLiteQueueStore:
+    """A `QueueStore` in one SQLite file (see module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._writer: _Writer | None = None
+
+    # -- plumbing --
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _Writer(self.path)
+        writer.start()
+        await asyncio.to_thread(writer.ready.wait)
+        if writer.open_error is not None:
+            raise writer.open_error
+        self._writer = writer
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.inbox.put(_STOP)
+        await asyncio.to_thread(writer.join)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._writer is None:
+            raise RuntimeError("queue store is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def resolve(value: Any, err: BaseException | None) -> None:
+            if fut.done():
+                return
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(value)
+
+        def done(value: Any, err: BaseException | None) -> None:
+            loop.call_soon_threadsafe(resolve, value, err)
+
+        self._writer.inbox.put((fn, done))
+        return fut
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._submit(fn)
+
+    # -- the QueueStore interface --
+
+    async def enqueue(self, msg: NewMessage) -> None:
+        meta = json.dumps(msg.meta)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO messages (queue_id, sender, body, size, smtputf8, eightbit, client,"
+                " app, stream, meta, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (msg.queue_id, msg.sender, msg.body, len(msg.body), int(msg.smtputf8),
+                 int(msg.eightbit), msg.client, msg.app, msg.stream, meta, msg.received_at),
+            )
+            conn.executemany(
+                "INSERT INTO recipients (queue_id, address, state, next_attempt, updated_at)"
+                " VALUES (?,?,'queued',?,?)",
+                [(msg.queue_id, r, msg.received_at, msg.received_at) for r in msg.recipients],
+            )
+
+        await self._run(work)
+
+    async def recover(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("UPDATE recipients SET state='queued' WHERE state='active'")
+            return cur.rowcount
+
+        return await self._run(work)
+
+    async def claim(self, now: float, max_jobs: int, max_rcpts: int = 100) -> list[Job]:
+        def work(conn: sqlite3.Connection) -> list[Job]:
+            # Walk the due index in order and take the first max_jobs distinct messages.
+            qids: list[str] = []
+            for (qid,) in conn.execute(
+                    "SELECT queue_id FROM recipients WHERE state='queued' AND next_attempt <= ?"
+                    " ORDER BY next_attempt LIMIT ?", (now, max_jobs * 8)):
+                if qid not in qids:
+                    qids.append(qid)
+                    if len(qids) == max_jobs:
+                        break
+            jobs = []
+            for qid in qids:
+                rcpts = [Recipient(rid, addr, attempts, State.ACTIVE, nxt, last)
+                         for rid, addr, attempts, nxt, last in conn.execute(
+                             "SELECT id, address, attempts, next_attempt, last_reply"
+                             " FROM recipients WHERE queue_id=? AND state='queued'"
+                             " AND next_attempt <= ? ORDER BY id LIMIT ?",
+                             (qid, now, max_rcpts))]
+                conn.executemany("UPDATE recipients SET state='active', updated_at=? WHERE id=?",
+                                 [(now, r.id) for r in rcpts])
+                sender, body, received_at, smtputf8, eightbit, app, stream, meta = conn.execute(
+                    "SELECT sender, body, received_at, smtputf8, eightbit, app, stream, meta"
+                    " FROM messages WHERE queue_id=?", (qid,)).fetchone()
+                jobs.append(Job(qid, sender, body, received_at, bool(smtputf8), bool(eightbit),
+                                rcpts, app, stream, json.loads(meta)))
+            return jobs
+
+        return await self._run(work)
+
+    async def next_due(self) -> float | None:
+        def work(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt) FROM recipients WHERE state='queued'").fetchone()
+            return row[0]
+
+        return await self._run(work)
+
+    async def settle(self, queue_id: str, settlements: list[Settlement],
+                     events: list[tuple[str, str, str]] | None = None) -> bool:
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            conn.executemany(
+                "UPDATE recipients SET state=?, next_attempt=?, last_reply=COALESCE(?, last_reply),"
+                " attempts=attempts+?, updated_at=? WHERE id=?",
+                [(s.state.value, s.next_attempt, s.reply, 1 if s.counts else 0, now,
+                  s.recipient_id) for s in settlements])
+            if events:
+                conn.executemany(
+                    "INSERT INTO events (ts, queue_id, recipient, event, reply) VALUES (?,?,?,?,?)",
+                    [(now, queue_id, r, e, reply) for r, e, reply in events])
+            return _drop_if_done(conn, queue_id)
+
+        return await self._run(work)
+
+    async def list(self) -> list[QueueEntry]:
+        def work(conn: sqlite3.Connection) -> list[QueueEntry]:
+            out: list[QueueEntry] = []
+            for qid, sender, size, received_at, client in conn.execute(
+                    "SELECT queue_id, sender, size, received_at, client FROM messages"
+                    " ORDER BY received_at").fetchall():
+                out.append(QueueEntry(qid, sender, size, received_at,
+                                      _recipients(conn, qid), client))
+            return out
+
+        return await self._run(work)
+
+    async def get(self, queue_id: str) -> QueueEntry | None:
+        def work(conn: sqlite3.Connection) -> QueueEntry | None:
+            row = conn.execute(
+                "SELECT sender, size, received_at, client, body FROM messages WHERE queue_id=?",
+                (queue_id,)).fetchone()
+            if row is None:
+                return None
+            sender, size, received_at, client, body = row
+            headers = body.split(b"\r\n\r\n", 1)[0]
+            return QueueEntry(queue_id, sender, size, received_at, _recipients(conn, queue_id),
+                              client, headers)
+
+        return await self._run(work)
+
+    async def delete(self, queue_id: str) -> bool:
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            rows = conn.execute(
+                "SELECT address FROM recipients WHERE queue_id=? AND state IN"
+                " ('queued','active')", (queue_id,)).fetchall()
+            exists = conn.execute("SELECT 1 FROM messages WHERE queue_id=?",
+                                  (queue_id,)).fetchone()
+            if not exists:
+                return False
+            conn.execute("UPDATE recipients SET state='deleted', updated_at=? WHERE queue_id=?"
+                         " AND state IN ('queued','active')", (now, queue_id))
+            conn.executemany(
+                "INSERT INTO events (ts, queue_id, recipient, event, reply) VALUES (?,?,?,?,?)",
+                [(now, queue_id, r[0], "deleted", "deleted by admin") for r in rows])
+            _drop_if_done(conn, queue_id)
+            return True
+
+        return await self._run(work)
+
+    async def flush(self, now: float) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE recipients SET next_attempt=? WHERE state='queued'",
+                                (now,)).rowcount
+
+        return await self._run(work)
+
+    async def counts(self) -> dict[str, int]:
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute(
+                "SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
+
+        return await self._run(work)
+
+    async def events(self, queue_id: str | None = None) -> list[tuple[str, str, str, str]]:
+        """(queue_id, recipient, event, reply) rows, oldest first."""
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
+            if queue_id is None:
+                return conn.execute("SELECT queue_id, recipient, event, reply FROM events"
+                                    " ORDER BY id").fetchall()
+            return conn.execute("SELECT queue_id, recipient, event, reply FROM events"
+                                " WHERE queue_id=? ORDER BY id", (queue_id,)).fetchall()
+
+        return await self._run(work)
+
+
+def _recipients(conn: sqlite3.Connection, queue_id: str) -> list[Recipient]:
+    return [Recipient(rid, addr, attempts, State(state), next_attempt, last_reply)
+            for rid, addr, attempts, state, next_attempt, last_reply in conn.execute(
+                "SELECT id, address, attempts, state, next_attempt, last_reply FROM recipients"
+                " WHERE queue_id=? ORDER BY id", (queue_id,))]
+
+
+def _drop_if_done(conn: sqlite3.Connection, queue_id: str) -> bool:
+    """Remove a message whose every recipient is terminal (Postfix's "removed")."""
+    left = conn.execute("SELECT 1 FROM recipients WHERE queue_id=? AND state IN"
+                        " ('queued','active') LIMIT 1", (queue_id,)).fetchone()
+    if left:
+        return False
+    conn.execute("DELETE FROM messages WHERE queue_id=?", (queue_id,))
+    return True

@@ -1,0 +1,1 @@
+"""The suppression store, bounce and complaint ingestion, events."""
