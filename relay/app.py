@@ -39,9 +39,11 @@ class Relay:
             concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng)
         self.edge = Edge(cfg, self.store, self.scheduler.wake)
         self.smtp_addresses: list[tuple[str, int]] = []
+        self.running = False
 
     async def start(self) -> None:
         await self.store.open()
+        self.running = True
         recovered = await self.store.recover()
         if recovered:
             MASTER.info("queue: %d recipient(s) of interrupted deliveries returned to the queue",
@@ -52,6 +54,9 @@ class Relay:
             MASTER.info("daemon started: SMTP listening on %s:%d", host, port)
 
     async def stop(self, deadline: float = 30.0) -> None:
+        if not self.running:
+            return
+        self.running = False
         await self.edge.stop(deadline)
         await self.scheduler.stop(deadline)
         await self.deliverer.close()

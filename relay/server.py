@@ -10,6 +10,7 @@ the queue; `250 2.0.0 Ok: queued as ID` is sent only after the commit returned
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import ipaddress
 import re
@@ -62,6 +63,9 @@ class RelaySMTP(AioSMTP):
     """aiosmtpd's protocol with enhanced status codes on every reply and a drain mode."""
 
     def __init__(self, handler: EdgeHandler, edge: Edge, **kw: Any):
+        # aiosmtpd keeps command_size_limits in a class attribute that every EHLO grows;
+        # give each session its own so one session cannot raise another's limit.
+        self.command_size_limits = collections.defaultdict(lambda: AioSMTP.command_size_limit)
         super().__init__(handler, **kw)
         self._edge = edge
         self._in_ehlo = False

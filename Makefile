@@ -1,0 +1,33 @@
+# make run   - set up a virtual environment, start the demo downstream and the relay
+# make test  - set up the virtual environment, run ruff and the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	@mkdir -p var
+	@$(BIN)/relay demo-sink --listen 127.0.0.1:2526 --dir var/demo-mail & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
+	echo "relay: SMTP on 127.0.0.1:2525 -> demo downstream on 127.0.0.1:2526 (saves to var/demo-mail/)"; \
+	echo "relay: try: swaks --server 127.0.0.1:2525 --from app@example.com --to you@example.net"; \
+	$(BIN)/relay serve --config relay.toml
+
+test: install
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/run_e2e.py -n 10000 -c 10 --size 5120
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
