@@ -100,6 +100,43 @@ def check_mailbox(mailbox: str, *, smtputf8: bool, sender: bool) -> Reply | None
     return None
 
 
+def parse_path(arg: str) -> str | None:
+    """The mailbox of a MAIL FROM:/RCPT TO: argument (keyword already removed), or None.
+
+    RFC 5321 4.1.2: Path = "<" [ A-d-l ":" ] Mailbox ">"; a source route (A-d-l) is
+    recognised and stripped (4.1.1.3, Appendix C). The mailbox text is returned exactly as
+    the client wrote it, so quoted local parts go on byte for byte. "" is the null path.
+    Without angle brackets (a common client error) the first word is taken.
+    """
+    text = arg.lstrip(" ")
+    if not text.startswith("<"):
+        word = text.split(" ", 1)[0]
+        return word or None
+    i, quoted = 1, False
+    while i < len(text):
+        ch = text[i]
+        if quoted and ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            break
+        i += 1
+    else:
+        return None
+    inside, rest = text[1:i], text[i + 1:]
+    if rest and not rest.startswith(" "):
+        return None
+    if inside.startswith("@"):
+        route, colon, inside = inside.partition(":")
+        if not colon or not all(
+                hop.startswith("@") and _valid_domain(hop[1:], True)
+                for hop in route.split(",")):
+            return None
+    return inside
+
+
 def canonical(mailbox: str) -> str:
     """The form used for look-ups: domain lower-cased, local part unchanged."""
     parts = _split(mailbox)

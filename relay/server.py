@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import Envelope, Session
 
 from relay import replies
-from relay.address import check_mailbox
+from relay.address import check_mailbox, parse_path
 from relay.config import Config, IPNetwork
 from relay.log import CLEANUP, QMGR, SMTPD
 from relay.queue import NewMessage, QueueStore, new_queue_id
@@ -70,6 +70,7 @@ class RelaySMTP(AioSMTP):
         self._edge = edge
         self._in_ehlo = False
         self.in_data = False
+        self.raw_path = ""
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = self._guard(method)
 
@@ -95,6 +96,14 @@ class RelaySMTP(AioSMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.raw_path = arg or ""    # the handler checks the path as the client wrote it
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.raw_path = arg or ""
+        await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         self.in_data = True
@@ -151,11 +160,15 @@ class EdgeHandler:
                        client_name(session), _printable(address))
             return str(replies.R550_RELAY_DENIED)
         smtputf8 = "SMTPUTF8" in mail_options
-        if address != "<>":   # aiosmtpd hands the null reverse-path over as "<>"
-            refusal = check_mailbox(address, smtputf8=smtputf8, sender=True)
+        mailbox = parse_path(server.raw_path[len("FROM:"):])
+        if mailbox is None:
+            return str(replies.R501_BAD_SENDER)
+        if mailbox:
+            refusal = check_mailbox(mailbox, smtputf8=smtputf8, sender=True)
             if refusal is not None:
                 return str(refusal)
-        envelope.mail_from = address
+        # aiosmtpd's RCPT needs a true mail_from: the null path is kept as "<>" until DATA.
+        envelope.mail_from = mailbox or "<>"
         envelope.mail_options.extend(mail_options)
         return str(replies.R250_SENDER_OK)
 
@@ -166,10 +179,13 @@ class EdgeHandler:
         if len(envelope.rcpt_tos) >= self.cfg.server.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients; the client sends the rest later.
             return str(replies.R452_TOO_MANY_RCPTS)
-        refusal = check_mailbox(address, smtputf8=bool(envelope.smtp_utf8), sender=False)
+        mailbox = parse_path(server.raw_path[len("TO:"):])
+        if not mailbox:
+            return str(replies.R501_BAD_RCPT)
+        refusal = check_mailbox(mailbox, smtputf8=bool(envelope.smtp_utf8), sender=False)
         if refusal is not None:
             return str(refusal)
-        envelope.rcpt_tos.append(address)
+        envelope.rcpt_tos.append(mailbox)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.R250_RCPT_OK)
 
