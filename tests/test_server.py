@@ -177,7 +177,7 @@ async def test_queued_reply_only_after_commit_and_names_the_queue_id(
 
 
 class FailingStore(MemoryQueueStore):
-    async def enqueue(self, msg) -> None:  # noqa: ANN001
+    async def enqueue(self, msg) -> None:
         raise OSError(28, "No space left on device")
 
 
@@ -199,7 +199,7 @@ async def test_failed_commit_answers_451_never_250(tmp_path, downstream: Downstr
 
 
 class ExplodingStore(MemoryQueueStore):
-    async def enqueue(self, msg) -> None:  # noqa: ANN001
+    async def enqueue(self, msg) -> None:
         raise RuntimeError("bug")
 
 

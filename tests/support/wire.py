@@ -46,7 +46,7 @@ class Wire:
         """True once the server has closed the connection."""
         try:
             return await asyncio.wait_for(self.reader.read(), timeout) == b""
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             return False
 
     async def close(self) -> None:
