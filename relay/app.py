@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Self
 
-from relay.config import Config
+from relay.config import Config, ConfigError, default_config_path, load_config
 from relay.log import MASTER, ReopenableFileHandler, configure_logging
 from relay.outbound import Deliverer
 from relay.outbound.smarthost import SmarthostDeliverer
@@ -63,6 +63,22 @@ class Relay:
         await self.store.close()
         MASTER.info("daemon stopped")
 
+    def reload(self, cfg: Config) -> None:
+        """Apply a new configuration: new SMTP sessions get the new policy at once.
+
+        Listeners, the queue and the outbound pool are kept; changes to them need a restart
+        and are logged as such."""
+        for section in ("queue", "outbound"):
+            if getattr(cfg, section) != getattr(self.cfg, section):
+                MASTER.warning("reload: changes to [%s] take effect after a restart", section)
+        old = self.cfg.server
+        if (cfg.server.listen, cfg.server.listen_tls, cfg.server.tls_cert, cfg.server.tls_key) \
+                != (old.listen, old.listen_tls, old.tls_cert, old.tls_key):
+            MASTER.warning("reload: changes to listeners or TLS files take effect after a restart")
+        self.edge.reload(cfg)
+        self.cfg = cfg
+        MASTER.info("reload: configuration reloaded from %s", cfg.path)
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -82,6 +98,20 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> None:
         if isinstance(handler, ReopenableFileHandler):
             loop.add_signal_handler(signal.SIGUSR1, handler.reopen)
     relay = Relay(cfg)
+
+    def reload() -> None:
+        # SIGHUP: reload atomically; a bad file keeps the old policy and says why.
+        try:
+            new = load_config(cfg.path or default_config_path())
+        except ConfigError as exc:
+            for problem in exc.problems:
+                MASTER.error("reload: %s", problem)
+            MASTER.error("reload: configuration has errors; keeping the running one")
+            return
+        relay.reload(new)
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await relay.start()
     try:
         await stop.wait()

@@ -91,7 +91,7 @@ def parse_hostport(value: object, default_port: int | None = None) -> tuple[str,
     else:
         host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
         if not host:
-            host, port = value, ""
+            raise ValueError(f"{value!r} has no host: write HOST:PORT")
     if not port:
         if default_port is None:
             raise ValueError(f"{value!r} has no port: write HOST:PORT")
@@ -110,6 +110,7 @@ STREAMS = ("transactional", "marketing")
 class ServerConfig:
     hostname: str = "relay.example.test"
     listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
+    listen_tls: tuple[tuple[str, int], ...] = ()      # implicit TLS (RFC 8314), e.g. port 465
     tls_cert: Path | None = None
     tls_key: Path | None = None
     mynetworks: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -120,6 +121,10 @@ class ServerConfig:
     max_sessions: int = 1000
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    auth_max_failures: int = 5
+    auth_lockout: float = 600.0
+    client_message_rate: tuple[float, float] | None = None
+    client_recipient_rate: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,15 @@ class QueueConfig:
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0, 14400.0)
     lifetime: float = 5 * 86400.0
     group_commit_window: float = 0.002
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """[outbound.destination."NAME"]: pacing for mail to one domain (and its subdomains)."""
+
+    name: str
+    rate: tuple[float, float] | None = None
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,24 @@ class OutboundConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     helo_name: str | None = None
+    destinations: tuple[DestinationConfig, ...] = ()
+
+    def destination_for(self, domain: str) -> DestinationConfig | None:
+        """The most specific destination entry for a recipient domain, if any."""
+        best = None
+        for dest in self.destinations:
+            matches = domain == dest.name or domain.endswith("." + dest.name)
+            if matches and (best is None or len(dest.name) > len(best.name)):
+                best = dest
+        return best
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    remove: tuple[str, ...] = ("X-Originating-IP", "Bcc")
+    add_message_id: bool = True
+    add_date: bool = True
+    feedback_id: bool = True
 
 
 @dataclass(frozen=True)
@@ -180,8 +212,12 @@ class DkimKeyConfig:
 class AppConfig:
     name: str
     password_env: str | None = None
+    password_hash: str | None = None
     from_domains: tuple[str, ...] = ()
     stream: str = "transactional"
+    rate: tuple[float, float] | None = None              # messages per period
+    recipient_rate: tuple[float, float] | None = None    # recipients per period
+    require_dkim: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +230,7 @@ class Config:
     unsubscribe: UnsubscribeConfig = field(default_factory=UnsubscribeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    headers: HeadersConfig = field(default_factory=HeadersConfig)
     dkim: tuple[DkimKeyConfig, ...] = ()
     apps: tuple[AppConfig, ...] = ()
 
@@ -297,6 +334,16 @@ def _domain(value: object) -> str:
     return _hostname(value).lower()
 
 
+def _password_hash(value: object) -> str:
+    """pbkdf2_sha256$ITERATIONS$SALT$HASH, as `relay app hash-password` prints it."""
+    s = _str(value)
+    parts = s.split("$")
+    if len(parts) != 4 or parts[0] != "pbkdf2_sha256" or not parts[1].isdigit():
+        raise ValueError("expected pbkdf2_sha256$ITERATIONS$SALT$HASH "
+                         "(make one with `relay app hash-password`)")
+    return s
+
+
 class _Loader:
     def __init__(self, path: Path | None):
         self.path = path
@@ -322,6 +369,8 @@ class _Loader:
     def server(self, raw: object) -> ServerConfig:
         s = _Section(self, "server", raw)
         d = ServerConfig()
+        # Pairing is judged on what the file says, so a bad value is reported once, not twice.
+        has_cert, has_key = "tls_cert" in s.table, "tls_key" in s.table
 
         def listen(v: object) -> tuple[tuple[str, int], ...]:
             items = _str_list(v)
@@ -341,6 +390,8 @@ class _Loader:
         cfg = ServerConfig(
             hostname=s.get("hostname", d.hostname, _hostname),
             listen=s.get("listen", d.listen, listen),
+            listen_tls=s.get("listen_tls", (), lambda v: tuple(parse_hostport(i)
+                                                               for i in _str_list(v))),
             tls_cert=s.get("tls_cert", None, self.readable_file),
             tls_key=s.get("tls_key", None, self.readable_file),
             mynetworks=s.get("mynetworks", d.mynetworks, networks),
@@ -351,9 +402,15 @@ class _Loader:
             max_sessions=s.get("max_sessions", d.max_sessions, _positive_int),
             command_timeout=s.get("command_timeout", d.command_timeout, parse_duration),
             data_timeout=s.get("data_timeout", d.data_timeout, parse_duration),
+            auth_max_failures=s.get("auth_max_failures", d.auth_max_failures, _positive_int),
+            auth_lockout=s.get("auth_lockout", d.auth_lockout, parse_duration),
+            client_message_rate=s.get("client_message_rate", None, parse_rate),
+            client_recipient_rate=s.get("client_recipient_rate", None, parse_rate),
         )
-        if (cfg.tls_cert is None) != (cfg.tls_key is None):
-            self.problem("server.tls_key" if cfg.tls_key is None else "server.tls_cert",
+        if cfg.listen_tls and cfg.tls_cert is None:
+            self.problem("server.listen_tls", "implicit TLS listeners need tls_cert and tls_key")
+        if has_cert != has_key:
+            self.problem("server.tls_cert" if has_key else "server.tls_key",
                          "tls_cert and tls_key go together")
         if cfg.max_message_size < 1024:
             self.problem("server.max_message_size", "must be at least 1KiB")
@@ -383,9 +440,12 @@ class _Loader:
     def outbound(self, raw: object) -> OutboundConfig:
         s = _Section(self, "outbound", raw)
         d = OutboundConfig()
+        # Presence is judged before s.get() takes the keys out of the table.
+        has_smarthost = "smarthost" in s.table
+        has_user, has_password = "username_env" in s.table, "password_env" in s.table
         mode = s.get("mode", d.mode, _one_of("smarthost", "mx"))
         smarthost = s.get("smarthost", None, lambda v: parse_hostport(v, 25))
-        if mode == "smarthost" and smarthost is None and "smarthost" not in s.table:
+        if mode == "smarthost" and not has_smarthost:
             self.problem("outbound.smarthost", "is required when mode = \"smarthost\"")
         if mode == "mx":
             self.problem("outbound.mode", "\"mx\" (direct delivery) is not implemented yet; "
@@ -405,14 +465,56 @@ class _Loader:
             connect_timeout=s.get("connect_timeout", d.connect_timeout, parse_duration),
             command_timeout=s.get("command_timeout", d.command_timeout, parse_duration),
             helo_name=s.get("helo_name", None, _hostname),
+            destinations=self.destinations(s.table.pop("destination", {})),
         )
-        if (cfg.username_env is None) != (cfg.password_env is None):
-            self.problem("outbound.password_env" if cfg.password_env is None
+        if has_user != has_password:
+            self.problem("outbound.password_env" if has_user
                          else "outbound.username_env", "username_env and password_env go together")
         for key in ("username_env", "password_env"):
             name = getattr(cfg, key)
             if name is not None and name not in os.environ:
                 self.problem(f"outbound.{key}", f"environment variable {name} is not set")
+        s.done()
+        return cfg
+
+    def destinations(self, raw: object) -> tuple[DestinationConfig, ...]:
+        if not isinstance(raw, dict):
+            self.problem("outbound.destination", "must be a table of tables: "
+                         "[outbound.destination.\"gmail.com\"]")
+            return ()
+        out = []
+        for name, table in raw.items():
+            s = _Section(self, f"outbound.destination.{name!r}", table)
+            try:
+                domain = _domain(name)
+            except (TypeError, ValueError) as exc:
+                self.problem(f"outbound.destination.{name!r}", str(exc))
+                continue
+            out.append(DestinationConfig(
+                name=domain,
+                rate=s.get("rate", None, parse_rate),
+                max_connections=s.get("max_connections", None, _positive_int),
+            ))
+            s.done()
+        return tuple(out)
+
+    def headers(self, raw: object) -> HeadersConfig:
+        s = _Section(self, "headers", raw)
+        d = HeadersConfig()
+
+        def names(v: object) -> tuple[str, ...]:
+            items = _str_list(v)
+            for item in items:
+                if not re.fullmatch(r"[!-9;-~]+\*?", item):
+                    raise ValueError(f"{item!r} is not a header name (a trailing * is a prefix)")
+            return items
+
+        cfg = HeadersConfig(
+            remove=s.get("remove", d.remove, names),
+            add_message_id=s.get("add_message_id", d.add_message_id, _bool),
+            add_date=s.get("add_date", d.add_date, _bool),
+            feedback_id=s.get("feedback_id", d.feedback_id, _bool),
+        )
         s.done()
         return cfg
 
@@ -456,6 +558,8 @@ class _Loader:
         s.done()
         return cfg
 
+    dkim_keys: tuple[DkimKeyConfig, ...] = ()
+
     def dkim(self, raw: object) -> tuple[DkimKeyConfig, ...]:
         if not isinstance(raw, list):
             self.problem("dkim", "must be an array of tables: [[dkim]]")
@@ -469,7 +573,8 @@ class _Loader:
             s.done()
             if domain and selector and key:
                 out.append(DkimKeyConfig(domain, selector, key))
-        return tuple(out)
+        self.dkim_keys = tuple(out)
+        return self.dkim_keys
 
     def apps(self, raw: object) -> tuple[AppConfig, ...]:
         if not isinstance(raw, list):
@@ -483,11 +588,27 @@ class _Loader:
             app = AppConfig(
                 name=name or "",
                 password_env=s.get("password_env", None, _env_name),
+                password_hash=s.get("password_hash", None, _password_hash),
                 from_domains=s.get("from_domains", (),
                                    lambda v: tuple(_domain(d) for d in _str_list(v))),
                 stream=s.get("stream", "transactional", _one_of(*STREAMS)),
+                rate=s.get("rate", None, parse_rate),
+                recipient_rate=s.get("recipient_rate", None, parse_rate),
+                require_dkim=s.get("require_dkim", False, _bool),
             )
             s.done()
+            if (app.password_env is None) == (app.password_hash is None):
+                self.problem(f"app[{i}].password_env",
+                             "give exactly one of password_env and password_hash")
+            elif app.password_env is not None and app.password_env not in os.environ:
+                self.problem(f"app[{i}].password_env",
+                             f"environment variable {app.password_env} is not set")
+            if app.require_dkim:
+                missing = [d for d in app.from_domains
+                           if d not in {k.domain for k in self.dkim_keys}]
+                if missing or not app.from_domains:
+                    self.problem(f"app[{i}].require_dkim",
+                                 f"no [[dkim]] key for {', '.join(missing) or 'from_domains'}")
             if name in names:
                 self.problem(f"app[{i}].name", f"duplicate app name {name!r}")
             names.add(app.name)
@@ -495,7 +616,8 @@ class _Loader:
         return tuple(out)
 
 
-_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "log", "dns", "dkim", "app")
+_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "log", "dns", "headers",
+             "dkim", "app")
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -512,6 +634,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         unsubscribe=loader.unsubscribe(data.get("unsubscribe", {})),
         log=loader.log(data.get("log", {})),
         dns=loader.dns(data.get("dns", {})),
+        headers=loader.headers(data.get("headers", {})),
         dkim=loader.dkim(data.get("dkim", [])),
         apps=loader.apps(data.get("app", [])),
     )

@@ -56,6 +56,31 @@ R554_LINE_TOO_LONG = Reply(
     "(RFC 5321 4.5.3.1.6)")
 R554_NO_VALID_RCPTS = Reply(554, "5.5.1", "Error: no valid recipients")
 
+# --- access and policy -------------------------------------------------------------------
+R530_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+R454_AUTH_LOCKED = Reply(
+    454, "4.7.0", "Too many failed authentication attempts from your address, try again later")
+R502_AUTH_DISABLED = Reply(502, "5.5.1", "Error: authentication not enabled")
+R501_BAD_AUTH_PARAM = Reply(501, "5.5.4", "Malformed AUTH= parameter (RFC 4954 section 5)")
+R553_SENDER_NOT_OWNED = Reply(
+    553, "5.7.1", "Sender address rejected: domain not allowed for application {app}")
+R550_FROM_NOT_OWNED = Reply(
+    550, "5.7.1", "From header domain {domain} is not allowed for application {app}")
+R550_NO_FROM = Reply(550, "5.6.0", "Message has no From header (RFC 5322 3.6)")
+R550_MULTIPLE_FROM = Reply(550, "5.6.0", "Message has more than one From header (RFC 5322 3.6)")
+R550_BAD_HEADER = Reply(550, "5.6.0", "Malformed header section (RFC 5322 2.2)")
+R552_HEADER_TOO_BIG = Reply(552, "5.3.4", "Header section too big")
+R550_HEADER_LINE_TOO_LONG = Reply(
+    550, "5.6.0", "Header line longer than 998 octets that cannot be folded (RFC 5322 2.1.1)")
+R550_NO_DKIM_KEY = Reply(
+    550, "5.7.1", "No DKIM key is configured for From domain {domain}; unsigned mail refused")
+R550_BAD_STREAM = Reply(
+    550, "5.6.0", "X-Relay-Stream must be \"transactional\" or \"marketing\"")
+R451_RATE_APP = Reply(
+    451, "4.7.1", "Rate limit for application {app} reached ({limit}), try again later")
+R451_RATE_CLIENT = Reply(
+    451, "4.7.1", "Rate limit for your address reached ({limit}), try again later")
+
 # --- outbound (replies the relay records for a recipient when it did not get one) ------
 R451_CONNECT_FAILED = Reply(451, "4.4.1", "Connection to next hop failed: {detail}")
 R451_CONNECTION_LOST = Reply(451, "4.4.2", "Connection to next hop lost: {detail}")

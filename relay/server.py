@@ -12,24 +12,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import functools
 import ipaddress
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as AioSMTP
-from aiosmtpd.smtp import Envelope, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from relay import replies
 from relay.address import check_mailbox, parse_path
 from relay.config import Config, IPNetwork
 from relay.log import CLEANUP, QMGR, SMTPD
+from relay.policy.engine import Client, Policy, Transaction
+from relay.policy.headers import apply_header_rules
 from relay.queue import NewMessage, QueueStore, new_queue_id
+from relay.replies import Reply
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
-_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(.*?)\r\n(?![ \t])", re.IGNORECASE | re.MULTILINE
-                         | re.DOTALL)
 
 
 def client_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -60,14 +64,19 @@ def has_bare_newline(data: bytes) -> bool:
 
 
 class RelaySMTP(AioSMTP):
-    """aiosmtpd's protocol with enhanced status codes on every reply and a drain mode."""
+    """aiosmtpd's protocol with enhanced status codes on every reply, a policy snapshot per
+    session, AUTH lockout, and a drain mode."""
 
-    def __init__(self, handler: EdgeHandler, edge: Edge, **kw: Any):
+    def __init__(self, handler: EdgeHandler, edge: Edge, *, implicit_tls: bool = False,
+                 **kw: Any):
         # aiosmtpd keeps command_size_limits in a class attribute that every EHLO grows;
         # give each session its own so one session cannot raise another's limit.
         self.command_size_limits = collections.defaultdict(lambda: AioSMTP.command_size_limit)
         super().__init__(handler, **kw)
         self._edge = edge
+        self.policy: Policy = edge.policy          # this session's rules, even across a reload
+        self.implicit_tls = implicit_tls
+        self.client: Client = Client(ip="", trusted=False)
         self._in_ehlo = False
         self.in_data = False
         self.raw_path = ""
@@ -85,6 +94,10 @@ class RelaySMTP(AioSMTP):
             await method(arg)
         return guarded
 
+    @property
+    def tls_active(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._in_ehlo:
             status = replies.with_enhanced_code(status)
@@ -97,8 +110,44 @@ class RelaySMTP(AioSMTP):
         finally:
             self._in_ehlo = False
 
+    def auth_offered(self) -> bool:
+        """RFC 4954 4: AUTH only with accounts, and only over TLS unless the admin allows
+        plaintext AUTH, which is honoured for loopback clients only."""
+        if not self.policy.accounts:
+            return False
+        if self.tls_active:
+            return True
+        ip = client_ip(self.session.peer) if self.session else None
+        return (not self.policy.cfg.server.auth_require_tls and ip is not None
+                and ip.is_loopback)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.policy.accounts:
+            await self.push(str(replies.R502_AUTH_DISABLED))
+            return
+        if self.policy.lockout.locked(self.client.ip):
+            SMTPD.warning("%s: AUTH refused: locked out after repeated failures",
+                          client_name(self.session))
+            await self.push(str(replies.R454_AUTH_LOCKED))
+            return
+        await super().smtp_AUTH(arg)
+        if self.session is not None and self.session.authenticated and self.client.app is None:
+            self.client.app = self.policy.accounts.apps.get(str(self.session.auth_data))
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.raw_path = arg or ""    # the handler checks the path as the client wrote it
+        if arg and self.auth_offered():
+            # RFC 4954 5: AUTH=<mailbox> (xtext) or AUTH=<>; checked, then not relayed.
+            words = arg.split(" ")
+            kept = []
+            for word in words:
+                if word.upper().startswith("AUTH="):
+                    if not _XTEXT.fullmatch(word[5:]):
+                        await self.push(str(replies.R501_BAD_AUTH_PARAM))
+                        return
+                    continue
+                kept.append(word)
+            arg = " ".join(kept)
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -113,17 +162,24 @@ class RelaySMTP(AioSMTP):
             self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
-        super().connection_made(transport)
-        if first:
+        if self.transport is None:
             self._edge.sessions.add(self)
+        # Called again after STARTTLS with a new session: RFC 3207 4.2, forget everything.
+        super().connection_made(transport)
+        assert self.session is not None
+        self.client = Client(ip=str(client_ip(self.session.peer)), trusted=in_networks(
+            self.session.peer, self.policy.cfg.server.mynetworks))
+        if self.implicit_tls:
+            self.session.ssl = transport.get_extra_info("cipher")
+        # aiosmtpd offers AUTH when this is False; auth_offered() decides per session.
+        self._auth_require_tls = not self.auth_offered()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._edge.sessions.discard(self)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        if len(self._edge.sessions) > self._edge.cfg.server.max_sessions:
+        if len(self._edge.sessions) > self.policy.cfg.server.max_sessions:
             # Bound sessions (STYLE rule 5): push back with 421, never hang.
             await self.push(str(replies.R421_TOO_MANY_SESSIONS))
             if self.transport is not None:
@@ -138,35 +194,52 @@ class EdgeHandler:
     def __init__(self, edge: Edge):
         self.edge = edge
 
-    @property
-    def cfg(self) -> Config:
-        return self.edge.cfg
-
-    def may_relay(self, session: Session) -> bool:
-        # Invariant 6: never an open relay. AUTH arrives with the policy layer.
-        return in_networks(session.peer, self.cfg.server.mynetworks)
-
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        server._auth_require_tls = not server.auth_offered()
         last = responses.pop()  # "250 HELP"
+        responses = [r for r in responses
+                     if not (r.startswith("250-AUTH") and not server.auth_offered())]
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
 
+    def authenticate(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd authenticator: the [[app]] accounts, with the failure lockout."""
+        policy: Policy = server.policy
+        ip = server.client.ip
+        app = None
+        if isinstance(auth_data, LoginPassword):
+            app = policy.accounts.check(auth_data.login, auth_data.password)
+        if app is None:
+            locked_now = policy.lockout.failure(ip)
+            SMTPD.warning("%s: %s authentication failed%s", client_name(session), mechanism,
+                          "; locking out this address" if locked_now else "")
+            return AuthResult(success=False, handled=False)
+        policy.lockout.success(ip)
+        SMTPD.info("%s: sasl_method=%s, sasl_username=%s", client_name(session), mechanism,
+                   app.name)
+        return AuthResult(success=True, auth_data=app.name)
+
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if not self.may_relay(session):
-            SMTPD.info("NOQUEUE: reject: MAIL from %s: 550 5.7.1 Relay access denied; from=<%s>",
-                       client_name(session), _printable(address))
-            return str(replies.R550_RELAY_DENIED)
+        policy = server.policy
         smtputf8 = "SMTPUTF8" in mail_options
         mailbox = parse_path(server.raw_path[len("FROM:"):])
-        if mailbox is None:
-            return str(replies.R501_BAD_SENDER)
-        if mailbox:
-            refusal = check_mailbox(mailbox, smtputf8=smtputf8, sender=True)
-            if refusal is not None:
-                return str(refusal)
+        tx = Transaction(server.client, sender=mailbox or "")
+        refusal = policy.first(policy.mail_checks[:1], tx)   # access first: say nothing more
+        if refusal is None:
+            if mailbox is None:
+                return str(replies.R501_BAD_SENDER)
+            if mailbox:
+                refusal = check_mailbox(mailbox, smtputf8=smtputf8, sender=True)
+        if refusal is None:
+            refusal = policy.first(policy.mail_checks[1:], tx)
+        if refusal is not None:
+            SMTPD.info("NOQUEUE: reject: MAIL from %s: %s; from=<%s>", client_name(session),
+                       refusal, _printable(mailbox or ""))
+            return str(refusal)
         # aiosmtpd's RCPT needs a true mail_from: the null path is kept as "<>" until DATA.
         envelope.mail_from = mailbox or "<>"
         envelope.mail_options.extend(mail_options)
@@ -174,22 +247,30 @@ class EdgeHandler:
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if not self.may_relay(session):
-            return str(replies.R550_RELAY_DENIED)
-        if len(envelope.rcpt_tos) >= self.cfg.server.max_recipients:
+        policy = server.policy
+        tx = Transaction(server.client, sender=envelope.mail_from)
+        refusal = policy.first(policy.rcpt_checks, tx)
+        if refusal is None and len(envelope.rcpt_tos) >= policy.cfg.server.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients; the client sends the rest later.
-            return str(replies.R452_TOO_MANY_RCPTS)
+            refusal = replies.R452_TOO_MANY_RCPTS
         mailbox = parse_path(server.raw_path[len("TO:"):])
-        if not mailbox:
-            return str(replies.R501_BAD_RCPT)
-        refusal = check_mailbox(mailbox, smtputf8=bool(envelope.smtp_utf8), sender=False)
+        if refusal is None:
+            if not mailbox:
+                refusal = replies.R501_BAD_RCPT
+            else:
+                refusal = check_mailbox(mailbox, smtputf8=bool(envelope.smtp_utf8), sender=False)
+        if refusal is None:
+            refusal = await policy.take_recipient(tx)
         if refusal is not None:
+            SMTPD.info("NOQUEUE: reject: RCPT from %s: %s; to=<%s>", client_name(session),
+                       refusal, _printable(mailbox or ""))
             return str(refusal)
         envelope.rcpt_tos.append(mailbox)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.R250_RCPT_OK)
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        policy = server.policy
         content: bytes = envelope.original_content or b""
         client = client_name(session)
         if has_bare_newline(content):
@@ -197,52 +278,89 @@ class EdgeHandler:
             SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client,
                        replies.R550_BARE_NEWLINE)
             return str(replies.R550_BARE_NEWLINE)
-        queue_id = new_queue_id()
         now = time.time()
+        app = server.client.app
+        headers = apply_header_rules(
+            content, policy.header_rules, app=app.name if app else None,
+            hostname=policy.cfg.server.hostname, now=now,
+            stream=app.stream if app else policy.cfg.server.default_stream)
+        tx = Transaction(server.client, sender=envelope.mail_from,
+                         from_addresses=headers.from_addresses, control=headers.control)
+        refusal: Reply | str | None = None
+        if headers.message is None:
+            refusal = _HEADER_REFUSALS.get(headers.refusal or "", replies.R550_BAD_HEADER)
+        else:
+            refusal = policy.first(policy.data_checks, tx)
+        if refusal is not None:
+            SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client, refusal)
+            return str(refusal)
+        assert headers.message is not None
+        queue_id = new_queue_id()
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         rcpts = list(dict.fromkeys(envelope.rcpt_tos))   # one delivery per recipient
         smtputf8 = bool(envelope.smtp_utf8)
-        body = self.received_header(session, queue_id, rcpts, smtputf8, now) + content
+        body = self.received_header(server, session, queue_id, rcpts, smtputf8, now) \
+            + headers.message
+        meta = {k: v for k, v in (("campaign", headers.control.get("campaign")),
+                                  ("message_id", headers.message_id)) if v}
         msg = NewMessage(
             queue_id=queue_id, sender=sender, recipients=rcpts, body=body, received_at=now,
             smtputf8=smtputf8, eightbit=not body.isascii(), client=client,
-            stream=self.cfg.server.default_stream,
+            app=app.name if app else None, stream=policy.stream_for(tx), meta=meta,
         )
         try:
             await self.edge.store.enqueue(msg)
         except Exception:  # noqa: BLE001 - no 250 without a commit
             SMTPD.exception("NOQUEUE: queue write failed for %s", client)
             return str(replies.R451_QUEUE_WRITE)
-        SMTPD.info("%s: client=%s", queue_id, client)
-        m = _MESSAGE_ID.search(content.split(b"\r\n\r\n", 1)[0] + b"\r\n")
-        if m:
-            CLEANUP.info("%s: message-id=%s", queue_id,
-                         _printable(m.group(1).decode("utf-8", "replace")))
+        await policy.take_message(tx)
+        auth = f", sasl_username={app.name}" if app else ""
+        SMTPD.info("%s: client=%s%s", queue_id, client, auth)
+        CLEANUP.info("%s: message-id=<%s>", queue_id, _printable(headers.message_id))
         QMGR.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", queue_id,
                   _printable(sender), len(body), len(rcpts))
         self.edge.on_queued()
         return replies.R250_QUEUED.format(queue_id=queue_id)
 
-    def received_header(self, session: Session, queue_id: str, rcpts: list[str],
-                        smtputf8: bool, now: float) -> bytes:
+    def received_header(self, server: RelaySMTP, session: Session, queue_id: str,
+                        rcpts: list[str], smtputf8: bool, now: float) -> bytes:
         """RFC 5321 4.4 trace header; the protocol name per RFC 3848 and RFC 6531 3.7.3."""
         ip = client_ip(session.peer)
         helo = _SAFE_HELO.sub("?", (session.host_name or "unknown")[:255])
         proto = ("UTF8SMTP" if smtputf8 else "ESMTP") if session.extended_smtp else "SMTP"
-        if session.ssl:
+        if server.tls_active:
             proto += "S"
         if session.authenticated:
             proto += "A"
         for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
         date = email.utils.formatdate(now, localtime=True)
-        header = (f"Received: from {helo} ([{ip}])\r\n\tby {self.cfg.server.hostname} (relay)"
-                  f" with {proto} id {queue_id}{for_clause};\r\n\t{date}\r\n")
+        header = (f"Received: from {helo} ([{ip}])\r\n\tby {server.policy.cfg.server.hostname}"
+                  f" (relay) with {proto} id {queue_id}{for_clause};\r\n\t{date}\r\n")
         return header.encode("utf-8", "surrogateescape")
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd would answer 500 (permanent!) without this; a fault of ours is transient.
         SMTPD.exception("internal error in SMTP session: %s", type(error).__name__)
         return str(replies.R451_INTERNAL)
+
+
+_HEADER_REFUSALS: dict[str, Reply] = {
+    "no_from": replies.R550_NO_FROM,
+    "multiple_from": replies.R550_MULTIPLE_FROM,
+    "bad_header": replies.R550_BAD_HEADER,
+    "header_too_long": replies.R552_HEADER_TOO_BIG,
+    "header_line_too_long": replies.R550_HEADER_LINE_TOO_LONG,
+}
+# RFC 3461 4 / RFC 4954 5: xtext, or the empty mailbox "<>".
+_XTEXT = re.compile(r"<>|(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS for our listeners: TLS 1.2 or later, the system's default ciphers."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def _printable(text: str) -> str:
@@ -255,33 +373,51 @@ class Edge:
 
     def __init__(self, cfg: Config, store: QueueStore, on_queued: Callable[[], None]):
         self.cfg = cfg
+        self.policy = Policy(cfg)
         self.store = store
         self.on_queued = on_queued
         self.handler = EdgeHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False
+        self.tls_context: ssl.SSLContext | None = None
         self._servers: list[asyncio.base_events.Server] = []
 
-    def _protocol(self) -> RelaySMTP:
-        s = self.cfg.server
+    def reload(self, cfg: Config) -> None:
+        """New sessions get the new policy; sessions in flight keep theirs."""
+        self.policy = Policy(cfg, lockout=self.policy.lockout)
+        self.cfg = cfg
+
+    def _protocol(self, implicit_tls: bool) -> RelaySMTP:
+        s = self.policy.cfg.server
         return RelaySMTP(
             self.handler, self,
+            implicit_tls=implicit_tls,
             data_size_limit=s.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=s.hostname,
             ident="ESMTP relay",
             timeout=s.command_timeout,
+            # STARTTLS is offered on plain listeners when a certificate is configured.
+            tls_context=None if implicit_tls else self.tls_context,
+            authenticator=self.handler.authenticate,
             auth_require_tls=True,
             loop=asyncio.get_running_loop(),
         )
 
     async def start(self) -> list[tuple[str, int]]:
-        """Bind every listener; return the bound (host, port) pairs (port 0 resolved)."""
+        """Bind every listener; return the bound (host, port) pairs (port 0 resolved):
+        the plain ones first, then the implicit-TLS ones."""
+        s = self.cfg.server
+        if s.tls_cert and s.tls_key:
+            self.tls_context = server_tls_context(s.tls_cert, s.tls_key)
         loop = asyncio.get_running_loop()
         bound = []
-        for host, port in self.cfg.server.listen:
-            server = await loop.create_server(self._protocol, host, port)
+        listeners = [(h, p, False) for h, p in s.listen] + [(h, p, True) for h, p in s.listen_tls]
+        for host, port, implicit in listeners:
+            server = await loop.create_server(
+                functools.partial(self._protocol, implicit), host, port,
+                ssl=self.tls_context if implicit else None)
             self._servers.append(server)
             sockname = server.sockets[0].getsockname()
             bound.append((sockname[0], sockname[1]))

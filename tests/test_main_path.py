@@ -12,10 +12,12 @@ from relay.app import Relay
 from relay.queue import State
 from tests.conftest import relay_config, wait_events, wait_for
 from tests.support.downstream import Downstream
+from tests.support.mail import split_received
 
 MESSAGE = (b"From: App <app@example.com>\r\n"
            b"To: reader@example.net\r\n"
            b"Subject: hello\r\n"
+           b"Date: Thu, 03 Dec 2026 10:00:00 +0000\r\n"
            b"Message-ID: <m1@example.com>\r\n"
            b"\r\n"
            b"first line\r\n"
@@ -23,18 +25,6 @@ MESSAGE = (b"From: App <app@example.com>\r\n"
            b"..two dots\r\n"
            b"\r\n"
            b"last line\r\n")
-
-
-def split_received(data: bytes) -> tuple[bytes, bytes]:
-    """(our Received header, the rest) of what the downstream got."""
-    assert data.startswith(b"Received: "), data[:80]
-    end = 0
-    lines = data.split(b"\r\n")
-    for i, line in enumerate(lines[1:], start=1):
-        if not line.startswith((b" ", b"\t")):
-            end = i
-            break
-    return b"\r\n".join(lines[:end]) + b"\r\n", b"\r\n".join(lines[end:])
 
 
 def data_commands(ds: Downstream) -> int:
@@ -238,7 +228,9 @@ async def test_smtputf8_passed_on_or_refused_with_5_6_7(start_relay, downstream_
     async with Downstream(smtputf8=downstream_utf8) as ds:
         relay = await start_relay(ds.port)
         port = relay.smtp_addresses[0][1]
-        body = "From: jörg@example.com\r\nSubject: grüße\r\n\r\nschöne grüße\r\n".encode()
+        body = ("From: jörg@example.com\r\nSubject: grüße\r\n"
+                "Date: Thu, 03 Dec 2026 10:00:00 +0000\r\nMessage-ID: <u@example.com>\r\n"
+                "\r\nschöne grüße\r\n").encode()
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:
             await c.sendmail("jörg@example.com", ["reader@example.net"], body,
                              mail_options=["SMTPUTF8", "BODY=8BITMIME"])
@@ -258,7 +250,7 @@ async def test_eight_bit_body_refused_when_next_hop_lacks_8bitmime(start_relay) 
     async with Downstream(eightbit=False) as ds:
         relay = await start_relay(ds.port)
         port = relay.smtp_addresses[0][1]
-        body = "Subject: x\r\n\r\nGrüße\r\n".encode()
+        body = "From: app@example.com\r\nSubject: x\r\n\r\nGrüße\r\n".encode()
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:
             await c.sendmail("app@example.com", ["r@example.net"], body,
                              mail_options=["BODY=8BITMIME"])
