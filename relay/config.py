@@ -558,8 +558,6 @@ class _Loader:
         s.done()
         return cfg
 
-    dkim_keys: tuple[DkimKeyConfig, ...] = ()
-
     def dkim(self, raw: object) -> tuple[DkimKeyConfig, ...]:
         if not isinstance(raw, list):
             self.problem("dkim", "must be an array of tables: [[dkim]]")
@@ -573,8 +571,7 @@ class _Loader:
             s.done()
             if domain and selector and key:
                 out.append(DkimKeyConfig(domain, selector, key))
-        self.dkim_keys = tuple(out)
-        return self.dkim_keys
+        return tuple(out)
 
     def apps(self, raw: object) -> tuple[AppConfig, ...]:
         if not isinstance(raw, list):
@@ -603,12 +600,6 @@ class _Loader:
             elif app.password_env is not None and app.password_env not in os.environ:
                 self.problem(f"app[{i}].password_env",
                              f"environment variable {app.password_env} is not set")
-            if app.require_dkim:
-                missing = [d for d in app.from_domains
-                           if d not in {k.domain for k in self.dkim_keys}]
-                if missing or not app.from_domains:
-                    self.problem(f"app[{i}].require_dkim",
-                                 f"no [[dkim]] key for {', '.join(missing) or 'from_domains'}")
             if name in names:
                 self.problem(f"app[{i}].name", f"duplicate app name {name!r}")
             names.add(app.name)

@@ -280,12 +280,17 @@ class EdgeHandler:
             return str(replies.R550_BARE_NEWLINE)
         now = time.time()
         app = server.client.app
+        default_stream = app.stream if app else policy.cfg.server.default_stream
         headers = apply_header_rules(
             content, policy.header_rules, app=app.name if app else None,
-            hostname=policy.cfg.server.hostname, now=now,
-            stream=app.stream if app else policy.cfg.server.default_stream)
+            hostname=policy.cfg.server.hostname, now=now, stream=default_stream)
         tx = Transaction(server.client, sender=envelope.mail_from,
                          from_addresses=headers.from_addresses, control=headers.control)
+        if headers.message is not None and policy.stream_for(tx) != default_stream:
+            # X-Relay-Stream overrode the stream: Feedback-ID must name the one in force.
+            headers = apply_header_rules(
+                content, policy.header_rules, app=app.name if app else None,
+                hostname=policy.cfg.server.hostname, now=now, stream=policy.stream_for(tx))
         refusal: Reply | str | None = None
         if headers.message is None:
             refusal = _HEADER_REFUSALS.get(headers.refusal or "", replies.R550_BAD_HEADER)

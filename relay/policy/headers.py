@@ -95,7 +95,7 @@ def _split_header(message: bytes) -> tuple[list[_Field], bytes] | str:
 
     Returns a refusal reason instead when the header section is not one we accept.
     """
-    fields: list[_Field] = []
+    spans: list[tuple[str, int, int]] = []  # name, start, end: slices are cut once, at the end
     pos = 0
     end_of_message = len(message)
     while pos < end_of_message:
@@ -109,16 +109,16 @@ def _split_header(message: bytes) -> tuple[list[_Field], bytes] | str:
             line_end, next_pos = newline, newline + 2
         if line_end == pos:
             # RFC 5322 2.1: an empty line separates the header section from the body.
-            return fields, message[pos:]
+            break
         if next_pos > MAX_HEADER_SECTION:
             return HEADER_TOO_LONG
         first = message[pos:pos + 1]
         if first in (b" ", b"\t"):
             # RFC 5322 2.2.3: a folded continuation line starts with WSP; it belongs to the
             # field above it, and a message cannot start with one.
-            if not fields:
+            if not spans:
                 return BAD_HEADER
-            fields[-1].raw += message[pos:next_pos]
+            spans[-1] = (spans[-1][0], spans[-1][1], next_pos)
         else:
             match = _FIELD_START.match(message, pos, line_end)
             if match is None:
@@ -127,10 +127,11 @@ def _split_header(message: bytes) -> tuple[list[_Field], bytes] | str:
                 # we refuse, so that parsing here and DKIM verifiers later agree.
                 return BAD_HEADER
             name = message[pos:match.end() - 1].decode("ascii").lower()
-            fields.append(_Field(name, message[pos:next_pos]))
+            spans.append((name, pos, next_pos))
         pos = next_pos
-    # RFC 5322 3.5: the body is optional; no blank line means a header section only.
-    return fields, b""
+    # RFC 5322 3.5: the body is optional; with no blank line, `rest` is empty (headers only).
+    fields = [_Field(name, message[start:end]) for name, start, end in spans]
+    return fields, message[pos:]
 
 
 def _remove_matcher(rules: HeaderRules) -> tuple[frozenset[str], tuple[str, ...]]:

@@ -73,7 +73,11 @@ class MemoryQueueStore:
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
                      events: list[tuple[str, str, str]] | None = None) -> bool:
-        stored = self._messages[queue_id]
+        stored = self._messages.get(queue_id)
+        for rcpt, event, reply in events or []:
+            self.event_log.append((queue_id, rcpt, event, reply))
+        if stored is None:  # deleted by an admin while the delivery was in flight
+            return True
         by_id = {r.id: r for r in stored.recipients}
         for s in settlements:
             r = by_id[s.recipient_id]
@@ -83,8 +87,6 @@ class MemoryQueueStore:
                 r.last_reply = s.reply
             if s.counts:
                 r.attempts += 1
-        for rcpt, event, reply in events or []:
-            self.event_log.append((queue_id, rcpt, event, reply))
         return self._drop_if_done(queue_id)
 
     def _drop_if_done(self, queue_id: str) -> bool:
@@ -131,7 +133,8 @@ class MemoryQueueStore:
         out: dict[str, int] = {}
         for s in self._messages.values():
             for r in s.recipients:
-                out[r.state.value] = out.get(r.state.value, 0) + 1
+                if not r.state.terminal:
+                    out[r.state.value] = out.get(r.state.value, 0) + 1
         return out
 
     async def events(self, queue_id: str | None = None) -> list[tuple[str, str, str, str]]:

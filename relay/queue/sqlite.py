@@ -234,14 +234,19 @@ class SQLiteQueueStore:
     async def claim(self, now: float, max_jobs: int, max_rcpts: int = 100) -> list[Job]:
         def work(conn: sqlite3.Connection) -> list[Job]:
             # Walk the due index in order and take the first max_jobs distinct messages.
+            # No LIMIT on rows: one message's many due recipients must not hide the others.
             qids: list[str] = []
-            for (qid,) in conn.execute(
-                    "SELECT queue_id FROM recipients WHERE state='queued' AND next_attempt <= ?"
-                    " ORDER BY next_attempt LIMIT ?", (now, max_jobs * 8)):
-                if qid not in qids:
-                    qids.append(qid)
-                    if len(qids) == max_jobs:
-                        break
+            cur = conn.execute(
+                "SELECT queue_id FROM recipients WHERE state='queued' AND next_attempt <= ?"
+                " ORDER BY next_attempt, id", (now,))
+            try:
+                for (qid,) in cur:
+                    if qid not in qids:
+                        qids.append(qid)
+                        if len(qids) == max_jobs:
+                            break
+            finally:
+                cur.close()
             jobs = []
             for qid in qids:
                 rcpts = [Recipient(rid, addr, attempts, State.ACTIVE, nxt, last)
@@ -344,7 +349,8 @@ class SQLiteQueueStore:
     async def counts(self) -> dict[str, int]:
         def work(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute(
-                "SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
+                "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued','active')"
+                " GROUP BY state").fetchall())
 
         return await self._run(work)
 
