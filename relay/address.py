@@ -63,8 +63,15 @@ def _valid_domain(domain: str, smtputf8: bool) -> bool:
             return False
     if len(domain.encode("utf-8")) > 255 or "." not in domain:
         return False
-    label = _LABEL_UTF8 if smtputf8 else _LABEL
-    return all(label.match(part) for part in domain.split("."))
+    return all(_valid_label(part, smtputf8) for part in domain.split("."))
+
+
+def _valid_label(label: str, smtputf8: bool) -> bool:
+    # RFC 1035 2.3.4 / RFC 5890 2.3.2.1: at most 63 octets, for a U-label in its A-label form.
+    if label.isascii():
+        return bool(_LABEL.match(label))
+    return bool(smtputf8 and _LABEL_UTF8.match(label)
+                and len(b"xn--" + label.encode("punycode")) <= 63)
 
 
 def check_mailbox(mailbox: str, *, smtputf8: bool, sender: bool) -> Reply | None:

@@ -21,6 +21,7 @@ from relay.log import MASTER, ReopenableFileHandler, configure_logging
 from relay.outbound import Deliverer
 from relay.outbound.smarthost import SmarthostDeliverer
 from relay.queue import QueueStore
+from relay.queue.pacing import Pacer
 from relay.queue.scheduler import Scheduler
 from relay.queue.sqlite import SQLiteQueueStore
 from relay.server import Edge
@@ -36,7 +37,8 @@ class Relay:
                                                                     cfg.server.hostname)
         self.scheduler = Scheduler(
             self.store, self.deliverer, retry=cfg.queue.retry, lifetime=cfg.queue.lifetime,
-            concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng)
+            concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
+            pacer=Pacer(cfg.outbound.destination_for))
         self.edge = Edge(cfg, self.store, self.scheduler.wake)
         self.smtp_addresses: list[tuple[str, int]] = []
         self.running = False

@@ -11,13 +11,13 @@ Shape of the result (RFC 6522 multipart/report, report-type=delivery-status):
    paragraph per recipient with the remote server's reply.
 2. ``message/delivery-status`` (RFC 3464): the per-message fields, then one block per
    recipient (Final-Recipient, Action, Status, Remote-MTA, Diagnostic-Code,
-   Last-Attempt-Date, Will-Retry-Until). ``message/global-delivery-status`` (RFC 6533 6.2)
+   Last-Attempt-Date, Will-Retry-Until). ``message/global-delivery-status`` (RFC 6533 4)
    when an address in it is not ASCII; such an address is written with the ``utf-8``
    address type (RFC 6533 3).
 3. The original: its header section as ``text/rfc822-headers`` (RFC 6522 4), or the whole
    message as ``message/rfc822`` when ``include_body`` is set and it fits. Header sections
    with raw UTF-8 (RFC 6532) use ``message/global-headers`` / ``message/global``
-   (RFC 6533 6.3, RFC 6532 3.7).
+   (RFC 6533 4, RFC 6532 3.7).
 
 Returning the original, bounded by ``max_returned`` octets:
 
@@ -178,7 +178,7 @@ def build_dsn(
     mta = _host(reporting_mta, ascii_only=True) or "localhost"
     sender = _address(original_sender)
     addresses = [_address(r.address) for r in recipients]
-    # RFC 6533 3/6.2: a non-ASCII address needs the utf-8 address type, which only a
+    # RFC 6533 3 and 4: a non-ASCII address needs the utf-8 address type, which only a
     # message/global-delivery-status may carry unencoded.
     global_report = not sender.isascii() or not all(a.isascii() for a in addresses)
 
@@ -252,8 +252,9 @@ def _check_status(rcpt: FailedRecipient) -> None:
         raise ValueError(f"action must be 'failed' or 'delayed', not {rcpt.action!r}")
     if m is None:
         raise ValueError(f"status {rcpt.status!r} is not an RFC 3463 enhanced status code")
-    # RFC 3464 2.3.3/2.3.4: a failure is 4.x.x (given up after transient errors) or 5.x.x;
-    # a delay is 4.x.x.
+    # RFC 3464 2.3.3/2.3.4: Status is the last status seen. A failure is 5.x.x, or the last
+    # 4.x.x when the relay gave up after transient errors (an expiry, as Postfix reports
+    # it); a delay is 4.x.x.
     allowed = "45" if rcpt.action == "failed" else "4"
     if m.group(1) not in allowed:
         raise ValueError(f"status {rcpt.status} does not fit action {rcpt.action!r}")
@@ -449,8 +450,8 @@ def _human_text(
     elif returned.full:
         attached = "Your message is attached below."
     elif include_body:
-        attached = ("Your message was too large to return in full; its headers are "
-                    "attached below.")
+        attached = ("Your message could not be returned in full (it is too large); its "
+                    "headers are attached below.")
     else:
         attached = "The headers of your message are attached below."
 
@@ -462,8 +463,8 @@ def _human_text(
         banner = "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #"
         lines += ["#" * len(banner), banner, "#" * len(banner), ""]
         retry = [r.will_retry_until for r, _ in delayed if r.will_retry_until is not None]
-        sentence = (f"Your message could not be delivered for {_duration(now - arrival_date)}"
-                    " yet.")
+        sentence = ("Your message has not been delivered to all of its recipients after "
+                    f"{_duration(now - arrival_date)}.")
         if retry:
             sentence += f" It will be retried until {_date(max(retry))}."
         lines += _wrap(f"{sentence} {attached}")
@@ -603,7 +604,7 @@ def _returned_headers(raw_head: bytes, max_returned: int) -> _Returned:
         headers = ["Content-Description: Undelivered Message Headers",
                    "Content-Type: text/rfc822-headers"]
     else:
-        # RFC 6533 6.3: UTF-8 header fields are returned as message/global-headers.
+        # RFC 6533 4: UTF-8 header fields are returned as message/global-headers.
         headers = ["Content-Description: Undelivered Message Headers",
                    "Content-Type: message/global-headers",
                    "Content-Transfer-Encoding: 8bit"]

@@ -20,6 +20,7 @@ from relay.log import QMGR, SMTP
 from relay.outbound import Deliverer, RcptResult
 from relay.outbound.classify import Action, classify, from_catalogue
 from relay.queue import Job, QueueStore, Settlement, State
+from relay.queue.pacing import Paced, Pacer
 
 
 def backoff(attempts: int, steps: tuple[float, ...], rng: random.Random) -> float:
@@ -39,7 +40,8 @@ class Scheduler:
     def __init__(self, store: QueueStore, deliverer: Deliverer, *,
                  retry: tuple[float, ...], lifetime: float, concurrency: int,
                  max_rcpts: int = 100, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, idle_poll: float = 5.0):
+                 rng: random.Random | None = None, idle_poll: float = 5.0,
+                 pacer: Pacer | None = None):
         self.store = store
         self.deliverer = deliverer
         self.retry = retry
@@ -49,6 +51,7 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.idle_poll = idle_poll
+        self.pacer = pacer or Pacer(lambda domain: None)
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -90,10 +93,16 @@ class Scheduler:
                     QMGR.exception("queue: cannot claim due mail; retrying in 1s")
                     await asyncio.sleep(1.0)
                     continue
-                for job in jobs:
-                    task = asyncio.get_running_loop().create_task(self._attempt(job))
-                    self._inflight.add(task)
-                    task.add_done_callback(self._done)
+                now = self.clock()
+                for claimed in jobs:
+                    for job in self.pacer.split(claimed):
+                        paced = self.pacer.plan(job, now)
+                        if paced.requeue:
+                            await self._requeue(paced.job, paced.start_at)
+                            continue
+                        task = asyncio.get_running_loop().create_task(self._attempt(paced))
+                        self._inflight.add(task)
+                        task.add_done_callback(self._done)
             if jobs and len(jobs) == free:
                 continue   # there may be more due work; loop until claims come back short
             await self._sleep_until_due(free)
@@ -116,9 +125,26 @@ class Scheduler:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _attempt(self, job: Job) -> None:
+    async def _requeue(self, job: Job, due: float) -> None:
+        """Back to the queue until its paced slot; not an attempt, no event."""
         try:
-            results = await self.deliverer.deliver(job)
+            await self.store.settle(job.queue_id, [
+                Settlement(r.id, State.QUEUED, due, None, counts=False) for r in job.recipients])
+        except Exception:  # noqa: BLE001 - the lease stays; recover() at start retries
+            QMGR.exception("%s: cannot requeue paced recipients", job.queue_id)
+
+    async def _attempt(self, paced: Paced) -> None:
+        job = paced.job
+        delay = paced.start_at - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        slots = paced.lane.slots if paced.lane else None
+        try:
+            if slots is not None:
+                async with slots:
+                    results = await self.deliverer.deliver(job)
+            else:
+                results = await self.deliverer.deliver(job)
         except Exception as exc:  # noqa: BLE001 - an unexpected error is transient (slimta)
             SMTP.exception("%s: delivery failed unexpectedly", job.queue_id)
             reply = from_catalogue(replies.R451_DELIVERY_ERROR, detail=type(exc).__name__)

@@ -1,0 +1,399 @@
+"""The QueueStore contract: one set of tests that both stores pass (STYLE rule 1).
+
+`SQLiteQueueStore` runs on a real SQLite file in the test's temporary folder; the
+`MemoryQueueStore` twin must behave the same, except for durability, which the SQLite-only
+tests at the end check (reopen, WAL + synchronous=FULL, group commit, integrity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from relay.queue import NewMessage, QueueStore, Settlement, State
+from relay.queue.memory import MemoryQueueStore
+from relay.queue.sqlite import SQLiteQueueStore
+
+T0 = 1_700_000_000.0
+BODY = (b"Received: from app1 by relay.test\r\nFrom: a@example.com\r\nSubject: t\r\n\r\n"
+        b"caf\xc3\xa9\r\n.leading dot stays as is\r\n")
+DUPLICATE_ERRORS = (ValueError, sqlite3.IntegrityError)
+
+
+def message(queue_id: str, recipients: list[str] | None = None, *, at: float = T0,
+            **kw: object) -> NewMessage:
+    return NewMessage(queue_id=queue_id, sender=str(kw.pop("sender", "app@example.com")),
+                      recipients=recipients or ["r@example.net"], body=BODY, received_at=at,
+                      **kw)  # type: ignore[arg-type]
+
+
+@pytest_asyncio.fixture(params=["sqlite", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueStore]:
+    s: QueueStore = (SQLiteQueueStore(tmp_path / "q.db") if request.param == "sqlite"
+                     else MemoryQueueStore())
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def events_of(store: QueueStore, queue_id: str) -> list[tuple[str, str, str, str]]:
+    assert isinstance(store, (SQLiteQueueStore, MemoryQueueStore))
+    return [tuple(e) for e in await store.events(queue_id)]  # type: ignore[misc]
+
+
+# --- enqueue and claim ---------------------------------------------------------------------
+
+async def test_enqueue_then_claim_returns_the_job_intact(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"], sender="",
+                                smtputf8=True, eightbit=True, app="shop", stream="marketing",
+                                meta={"feedback_id": "x:y"}, client="app1[10.0.0.5]"))
+    jobs = await store.claim(T0, max_jobs=10)
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert (job.queue_id, job.sender, job.body, job.received_at) == ("Q1", "", BODY, T0)
+    assert (job.smtputf8, job.eightbit, job.app, job.stream) == (True, True, "shop", "marketing")
+    assert job.meta == {"feedback_id": "x:y"}
+    assert [r.address for r in job.recipients] == ["a@example.net", "b@example.net"]
+    assert all(r.state is State.ACTIVE and r.attempts == 0 for r in job.recipients)
+    assert len({r.id for r in job.recipients}) == 2
+
+
+async def test_defaults_survive_the_round_trip(store: QueueStore) -> None:
+    await store.enqueue(message("Q1"))
+    (job,) = await store.claim(T0, 1)
+    assert (job.smtputf8, job.eightbit, job.app, job.stream, job.meta) == (
+        False, False, None, "transactional", {})
+
+
+async def test_duplicate_queue_id_is_refused(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net"]))
+    with pytest.raises(DUPLICATE_ERRORS):
+        await store.enqueue(message("Q1", ["b@example.net"]))
+    (entry,) = await store.list()
+    assert [r.address for r in entry.recipients] == ["a@example.net"]
+
+
+async def test_claim_leases(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"]))
+    assert len(await store.claim(T0, 10)) == 1
+    assert await store.claim(T0, 10) == []
+    assert await store.claim(T0 + 86400, 10) == []
+    assert await store.counts() == {"active": 2}
+
+
+async def test_claim_respects_next_attempt(store: QueueStore) -> None:
+    await store.enqueue(message("LATER", at=T0 + 60))
+    assert await store.claim(T0, 10) == []
+    assert await store.claim(T0 + 59.9, 10) == []
+    (job,) = await store.claim(T0 + 60, 10)
+    assert job.queue_id == "LATER"
+
+
+async def test_claim_takes_earliest_due_first_and_at_most_max_jobs(store: QueueStore) -> None:
+    for i in (3, 1, 4, 2, 0):
+        await store.enqueue(message(f"Q{i}", at=T0 + i))
+    first = await store.claim(T0 + 10, max_jobs=2)
+    assert [j.queue_id for j in first] == ["Q0", "Q1"]
+    rest = await store.claim(T0 + 10, max_jobs=10)
+    assert [j.queue_id for j in rest] == ["Q2", "Q3", "Q4"]
+
+
+async def test_large_message_is_split_into_jobs_of_max_rcpts(store: QueueStore) -> None:
+    rcpts = [f"r{i:03}@example.net" for i in range(250)]
+    await store.enqueue(message("BIG", rcpts))
+    sizes, seen = [], []
+    for _ in range(3):
+        (job,) = await store.claim(T0, max_jobs=1, max_rcpts=100)
+        assert job.queue_id == "BIG"
+        sizes.append(len(job.recipients))
+        seen += [r.address for r in job.recipients]
+    assert sizes == [100, 100, 50]
+    assert seen == rcpts
+    assert await store.claim(T0, 10, 100) == []
+
+
+async def test_a_big_message_does_not_hide_other_due_messages(store: QueueStore) -> None:
+    """max_jobs counts messages: 250 due recipients of one message must not use it up."""
+    await store.enqueue(message("BIG", [f"r{i}@example.net" for i in range(250)], at=T0))
+    await store.enqueue(message("SMALL", at=T0 + 1))
+    jobs = await store.claim(T0 + 5, max_jobs=2, max_rcpts=100)
+    assert [(j.queue_id, len(j.recipients)) for j in jobs] == [("BIG", 100), ("SMALL", 1)]
+
+
+# --- settle ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", [State.DELIVERED, State.BOUNCED, State.EXPIRED])
+async def test_terminal_settlement_removes_the_message(store: QueueStore, state: State) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"]))
+    (job,) = await store.claim(T0, 1)
+    a, b = job.recipients
+    removed = await store.settle("Q1", [Settlement(a.id, state, T0, "250 2.0.0 ok")],
+                                 [(a.address, state.value, "250 2.0.0 ok")])
+    assert removed is False
+    entry = await store.get("Q1")
+    assert entry is not None
+    assert {r.address: r.state for r in entry.recipients} == {
+        "a@example.net": state, "b@example.net": State.ACTIVE}
+    removed = await store.settle("Q1", [Settlement(b.id, state, T0, "550 5.1.1 no")],
+                                 [(b.address, state.value, "550 5.1.1 no")])
+    assert removed is True
+    assert await store.get("Q1") is None
+    assert await store.list() == []
+    assert await store.counts() == {}
+    assert await events_of(store, "Q1") == [
+        ("Q1", "a@example.net", state.value, "250 2.0.0 ok"),
+        ("Q1", "b@example.net", state.value, "550 5.1.1 no")]
+
+
+@pytest.mark.parametrize(("counts", "attempts"), [(True, 1), (False, 0)])
+async def test_deferral_requeues_for_later(store: QueueStore, counts: bool,
+                                           attempts: int) -> None:
+    await store.enqueue(message("Q1"))
+    (job,) = await store.claim(T0, 1)
+    rid = job.recipients[0].id
+    removed = await store.settle(
+        "Q1", [Settlement(rid, State.QUEUED, T0 + 300, "451 4.3.0 later", counts=counts)],
+        [("r@example.net", "deferred", "451 4.3.0 later")])
+    assert removed is False
+    entry = await store.get("Q1")
+    assert entry is not None
+    (r,) = entry.recipients
+    assert (r.state, r.attempts, r.next_attempt, r.last_reply) == (
+        State.QUEUED, attempts, T0 + 300, "451 4.3.0 later")
+    assert await store.next_due() == T0 + 300
+    assert await store.claim(T0 + 299, 1) == []
+    (again,) = await store.claim(T0 + 300, 1)
+    assert again.recipients[0].attempts == attempts
+    assert again.recipients[0].last_reply == "451 4.3.0 later"
+    assert await events_of(store, "Q1") == [("Q1", "r@example.net", "deferred",
+                                             "451 4.3.0 later")]
+
+
+async def test_settle_without_reply_keeps_the_last_one(store: QueueStore) -> None:
+    await store.enqueue(message("Q1"))
+    (job,) = await store.claim(T0, 1)
+    rid = job.recipients[0].id
+    await store.settle("Q1", [Settlement(rid, State.QUEUED, T0, "451 4.4.1 refused")])
+    await store.claim(T0, 1)
+    await store.settle("Q1", [Settlement(rid, State.QUEUED, T0, None, counts=False)])
+    entry = await store.get("Q1")
+    assert entry is not None
+    assert (entry.recipients[0].last_reply, entry.recipients[0].attempts) == (
+        "451 4.4.1 refused", 1)
+
+
+async def test_settle_after_admin_delete_is_harmless(store: QueueStore) -> None:
+    """A delivery in flight may finish after `relay queue delete` removed its message."""
+    await store.enqueue(message("Q1"))
+    (job,) = await store.claim(T0, 1)
+    assert await store.delete("Q1") is True
+    removed = await store.settle("Q1", [Settlement(job.recipients[0].id, State.DELIVERED, T0,
+                                                   "250 ok")])
+    assert removed is True
+    assert await store.get("Q1") is None
+
+
+# --- recover, next_due, flush, counts ---------------------------------------------------------
+
+async def test_recover_returns_leases_to_the_queue(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"]))
+    await store.enqueue(message("Q2", at=T0 + 1000))
+    await store.claim(T0, 10)
+    assert await store.counts() == {"active": 2, "queued": 1}
+    assert await store.recover() == 2
+    assert await store.counts() == {"queued": 3}
+    assert await store.recover() == 0
+    (job,) = await store.claim(T0, 10)
+    assert job.queue_id == "Q1"
+    assert len(job.recipients) == 2
+
+
+async def test_next_due(store: QueueStore) -> None:
+    assert await store.next_due() is None
+    await store.enqueue(message("Q1", at=T0 + 50))
+    await store.enqueue(message("Q2", at=T0 + 20))
+    assert await store.next_due() == T0 + 20
+    await store.claim(T0 + 20, 10)
+    assert await store.next_due() == T0 + 50   # active recipients are not due
+    await store.claim(T0 + 50, 10)
+    assert await store.next_due() is None
+
+
+async def test_flush_makes_queued_recipients_due(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"], at=T0 + 3600))
+    await store.enqueue(message("Q2", at=T0))
+    (active,) = await store.claim(T0, 10)
+    assert active.queue_id == "Q2"
+    assert await store.flush(T0 + 1) == 2   # the active one is not touched
+    assert await store.next_due() == T0 + 1
+    (job,) = await store.claim(T0 + 1, 10)
+    assert job.queue_id == "Q1"
+
+
+async def test_counts_are_per_non_terminal_state(store: QueueStore) -> None:
+    assert await store.counts() == {}
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net", "c@example.net"]))
+    await store.enqueue(message("Q2", at=T0 + 100))
+    (job,) = await store.claim(T0, 1, max_rcpts=2)
+    assert await store.counts() == {"active": 2, "queued": 2}
+    await store.settle("Q1", [Settlement(job.recipients[0].id, State.DELIVERED, T0, "250 ok")])
+    assert await store.counts() == {"active": 1, "queued": 2}
+
+
+# --- list, get, delete -----------------------------------------------------------------------
+
+async def test_list_and_get(store: QueueStore) -> None:
+    await store.enqueue(message("Q2", ["b@example.net"], at=T0 + 1, client="app2[10.0.0.6]"))
+    await store.enqueue(message("Q1", ["a@example.net", "c@example.net"], at=T0,
+                                client="app1[10.0.0.5]"))
+    entries = await store.list()
+    assert [e.queue_id for e in entries] == ["Q1", "Q2"]
+    q1 = entries[0]
+    assert (q1.sender, q1.size, q1.received_at, q1.client) == (
+        "app@example.com", len(BODY), T0, "app1[10.0.0.5]")
+    assert [(r.address, r.state, r.attempts) for r in q1.recipients] == [
+        ("a@example.net", State.QUEUED, 0), ("c@example.net", State.QUEUED, 0)]
+    got = await store.get("Q1")
+    assert got is not None
+    assert got.headers == BODY.split(b"\r\n\r\n", 1)[0]
+    assert [r.address for r in got.recipients] == ["a@example.net", "c@example.net"]
+    assert await store.get("NOPE") is None
+
+
+async def test_delete(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net", "c@example.net"]))
+    await store.enqueue(message("Q2"))
+    (job,) = await store.claim(T0, 1, max_rcpts=2)      # a, b active; c queued
+    a = job.recipients[0]
+    await store.settle("Q1", [Settlement(a.id, State.DELIVERED, T0, "250 ok")],
+                       [(a.address, "delivered", "250 ok")])
+    assert await store.delete("Q1") is True
+    assert await store.get("Q1") is None
+    assert [e.queue_id for e in await store.list()] == ["Q2"]
+    assert await events_of(store, "Q1") == [
+        ("Q1", "a@example.net", "delivered", "250 ok"),
+        ("Q1", "b@example.net", "deleted", "deleted by admin"),
+        ("Q1", "c@example.net", "deleted", "deleted by admin")]
+    assert await store.delete("Q1") is False
+    assert await store.delete("NOPE") is False
+    assert await store.claim(T0, 10) != []   # Q2 is untouched
+    assert await store.counts() == {"active": 1}
+
+
+# --- SQLite only: durability and the writer ---------------------------------------------------
+
+def _db(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path)
+
+
+async def test_sqlite_data_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    first = SQLiteQueueStore(path)
+    await first.open()
+    await first.enqueue(message("Q1", ["a@example.net", "b@example.net"], smtputf8=True,
+                                meta={"k": [1, 2]}))
+    (job,) = await first.claim(T0, 1, max_rcpts=1)
+    await first.settle("Q1", [Settlement(job.recipients[0].id, State.QUEUED, T0 + 60,
+                                         "451 4.2.1 busy")])
+    await first.close()
+
+    second = SQLiteQueueStore(path)
+    await second.open()
+    try:
+        entry = await second.get("Q1")
+        assert entry is not None
+        assert [(r.address, r.state, r.attempts, r.last_reply) for r in entry.recipients] == [
+            ("a@example.net", State.QUEUED, 1, "451 4.2.1 busy"),
+            ("b@example.net", State.QUEUED, 0, None)]
+        (job,) = await second.claim(T0 + 60, 1)
+        assert (job.body, job.smtputf8, job.meta) == (BODY, True, {"k": [1, 2]})
+    finally:
+        await second.close()
+
+
+async def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    store = SQLiteQueueStore(path)
+    await store.open()
+    try:
+        await store.enqueue(message("Q1"))
+        # synchronous and foreign_keys are per connection: ask the writer's own connection.
+        sync, fks = await store._run(
+            lambda c: (c.execute("PRAGMA synchronous").fetchone()[0],
+                       c.execute("PRAGMA foreign_keys").fetchone()[0]))
+        assert (sync, fks) == (2, 1)   # 2 = FULL: fsync at every commit
+        with _db(path) as other:       # journal_mode=WAL is a property of the file
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert other.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
+    finally:
+        await store.close()
+    assert (tmp_path / "q.db").exists()
+
+
+async def test_sqlite_group_commit(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    store = SQLiteQueueStore(path)
+    await store.open()
+    try:
+        # 200 concurrent commits, 2 recipients each: all succeed and all land.
+        await asyncio.gather(*(store.enqueue(message(f"G{i:03}", [f"a{i}@example.net",
+                                                                  f"b{i}@example.net"]))
+                               for i in range(200)))
+        # Each future resolved after its COMMIT: another connection sees every row now.
+        with _db(path) as db:
+            assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 200
+            assert db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 400
+
+        # One batch for sure: hold the writer until every piece of work has been handed in.
+        started, gate = threading.Event(), threading.Event()
+
+        def hold(_conn: sqlite3.Connection) -> None:
+            started.set()
+            gate.wait(10)
+
+        def writes_then_fails(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO events (ts, queue_id, recipient, event, reply)"
+                         " VALUES (0, 'X', 'x@example.net', 'half-done', NULL)")
+            raise RuntimeError("boom")
+
+        # _submit hands a function straight to the writer thread (private, used on purpose).
+        blocker = store._submit(hold)
+        await asyncio.to_thread(started.wait, 10)
+        batch = [asyncio.ensure_future(store.enqueue(message(f"B{i}"))) for i in range(5)]
+        batch.insert(2, asyncio.ensure_future(store.enqueue(message("G007"))))   # duplicate
+        batch.insert(4, store._submit(writes_then_fails))
+        await asyncio.sleep(0.05)   # let every enqueue hand its work to the writer
+        gate.set()
+        await blocker
+        results = await asyncio.gather(*batch, return_exceptions=True)
+        assert isinstance(results[2], sqlite3.IntegrityError)
+        assert isinstance(results[4], RuntimeError)
+        assert [r for i, r in enumerate(results) if i not in (2, 4)] == [None] * 5
+        assert len(await store.list()) == 205
+    finally:
+        await store.close()
+
+    with _db(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 205
+        assert db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 405
+        assert db.execute("SELECT COUNT(*) FROM recipients WHERE queue_id='G007'"
+                          ).fetchone()[0] == 2
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+async def test_sqlite_refuses_work_when_closed(tmp_path: Path) -> None:
+    store = SQLiteQueueStore(tmp_path / "q.db")
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.enqueue(message("Q1"))
+    await store.open()
+    await store.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.list()
