@@ -117,6 +117,25 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    import getpass
+
+    from relay.policy.access import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("relay: passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("relay: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 def cmd_demo_sink(args: argparse.Namespace) -> int:
     from relay.demo import run_sink
 
@@ -146,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     qsub.add_parser("flush")
     qsub.add_parser("delete").add_argument("id")
     q.set_defaults(func=cmd_queue)
+
+    a = sub.add_parser("app", help="application accounts")
+    asub = a.add_subparsers(dest="action", required=True)
+    asub.add_parser("hash-password", help="read a password, print [[app]].password_hash")
+    a.set_defaults(func=cmd_app)
 
     d = sub.add_parser("demo-sink", help="a local SMTP server that saves what it receives")
     d.add_argument("--listen", default="127.0.0.1:2526")

@@ -282,3 +282,15 @@ def test_queue_with_a_bad_config(tmp_path: Path) -> None:
     out = relay("queue", "--config", str(path), "list", cwd=tmp_path)
     assert out.returncode != 0
     assert out.stderr.splitlines() == [f"{path}: http.colour: unknown key"]
+
+
+def test_app_hash_password_verifies() -> None:
+    from relay.policy.access import verify_hash
+
+    out = subprocess.run([sys.executable, "-m", "relay", "app", "hash-password"],
+                         input="correct horse\n", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    encoded = out.stdout.strip()
+    assert encoded.startswith("pbkdf2_sha256$")
+    assert verify_hash(b"correct horse", encoded)
+    assert not verify_hash(b"wrong", encoded)

@@ -16,6 +16,8 @@ from email.parser import Parser
 from email.utils import parsedate_to_datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.outbound.dsn import (
     SUBJECT_DELAYED,
@@ -91,6 +93,11 @@ def status_blocks(raw: bytes) -> list[EmailMessage]:
     parser = Parser(policy=email.policy.default)
     return [parser.parsestr(block + "\r\n", headersonly=True)  # type: ignore[misc]
             for block in text.split("\r\n\r\n") if block.strip()]
+
+
+def flat(text: str) -> str:
+    """Prose with its line breaks and indentation made single spaces."""
+    return " ".join(text.split())
 
 
 def lines(raw: bytes) -> list[bytes]:
@@ -179,7 +186,7 @@ def test_human_text_names_each_recipient_and_its_reason() -> None:
     assert text is not None
     body = text.get_content()
     assert "This is the mail system at host relay.example.test." in body
-    assert "could not be delivered to\none or more recipients" in body.replace("\r\n", "\n")
+    assert "could not be delivered to one or more recipients" in flat(body)
     assert "<help@example.test>" in body
     assert "<a@example.net>: host mx.example.net said: 550 5.1.1" in body
     assert "<b@example.org>: delivery time expired (4.4.7)" in body
@@ -249,7 +256,7 @@ def test_subject_says_delayed_only_when_every_recipient_is(
     assert msg["Subject"] == subject
     text = msg.get_body(("plain",))
     assert text is not None
-    body = text.get_content()
+    body = flat(text.get_content())
     if subject == SUBJECT_DELAYED:
         assert "WARNING ONLY" in body
         assert "after 3 hour(s)" in body
@@ -461,8 +468,7 @@ def test_too_large_message_returns_headers_only() -> None:
     assert b"line 00000" not in raw
     text = msg.get_body(("plain",))
     assert text is not None
-    assert "could not be returned in full (it is too large)" in text.get_content().replace(
-        "\n", " ")
+    assert "could not be returned in full (it is too large)" in flat(text.get_content())
 
 
 def test_message_with_an_overlong_line_returns_headers_only() -> None:
@@ -512,3 +518,44 @@ def test_max_returned_zero_leaves_the_original_out() -> None:
         "text/plain", "message/delivery-status"]
     assert b"Thank you for your order" not in raw
     assert b"Subject: Your order" not in raw
+
+
+# --- whatever comes in, a well-formed report comes out -------------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(
+    diagnostic=st.one_of(st.none(), st.text(max_size=3000)),
+    remote=st.one_of(st.none(), st.text(max_size=300)),
+    local=st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1,
+                  max_size=64),
+    original=st.binary(max_size=4000),
+    include_body=st.booleans(),
+    max_returned=st.integers(min_value=0, max_value=5000),
+)
+def test_any_input_gives_a_well_formed_report(
+        diagnostic: str | None, remote: str | None, local: str, original: bytes,
+        include_body: bool, max_returned: int) -> None:
+    rcpt = FailedRecipient(f"{local}@example.net", "5.1.1", diagnostic, remote)
+    raw = dsn(recipients=[rcpt, EXPIRED], original_message=original,
+              include_body=include_body, max_returned=max_returned)
+    for line in lines(raw):
+        assert len(line) <= 998
+        assert b"\r" not in line
+        assert b"\n" not in line
+    msg = parse(raw)
+    assert len(list(msg.iter_parts())) == (3 if max_returned > 0 else 2)
+    assert set(msg.keys()) <= {"Date", "From", "To", "Subject", "Message-ID", "In-Reply-To",
+                               "References", "Auto-Submitted", "MIME-Version",
+                               "Content-Type", "Content-Transfer-Encoding"}
+    blocks = status_blocks(raw)
+    assert len(blocks) == 3
+    assert [str(b["Status"]) for b in blocks[1:]] == ["5.1.1", "4.4.7"]
+    assert set(blocks[1].keys()) <= {
+        "Final-Recipient", "Action", "Status", "Remote-MTA", "Diagnostic-Code",
+        "Last-Attempt-Date"}
+    returned_ascii = True
+    if max_returned > 0:
+        assert len(raw_parts(raw)[2].content) <= max_returned
+        returned_ascii = raw_parts(raw)[2].content.isascii()
+    # 7-bit exactly when the addresses and the returned original are ASCII.
+    assert raw.isascii() == (local.isascii() and returned_ascii)
