@@ -6,6 +6,7 @@ reach) the downstream. DKIM parts of the cases are checked in the signing tests.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 from pathlib import Path
@@ -150,3 +151,27 @@ async def test_case_26_source_route(cases_dir, downstream: Downstream, start_rel
     [msg] = await downstream.wait_messages(1)
     assert msg.rcpt_tos == ["reader@example.net"]
     assert msg.raw_rcpt_lines == [b"RCPT TO:<reader@example.net>\r\n"]
+
+
+async def test_case_19_auth_edge_cases(cases_dir, downstream: Downstream, start_relay,
+                                       monkeypatch) -> None:
+    monkeypatch.setenv("TEST_RELAYUSER_PASSWORD", "example-password")
+    relay = await start_relay(
+        downstream.port,
+        server={"mynetworks": ["192.0.2.0/24"], "auth_require_tls": False},
+        app=[{"name": "relayuser", "password_env": "TEST_RELAYUSER_PASSWORD"}])
+    [replies] = await run_case(cases_dir, "19-auth-edge-cases.smtp", relay)
+    got = codes(replies)
+    assert got[:3] + got[4:] == [220, 250, 530, 334, 501, 501, 334, 235, 503, 250, 221]
+    # "AUTH PLAIN =" (empty credentials, RFC 4954 4): refused, either way, never a 334
+    assert (replies[3].code, replies[3].enhanced) in ((535, "5.7.8"), (501, "5.5.2"))
+    assert any(line[4:].split()[:1] == ["AUTH"] and {"PLAIN", "LOGIN"} <= set(line.split())
+               for line in replies[1].lines)
+    assert replies[2].enhanced == "5.7.0"
+    assert replies[4].lines == ["334 "]                 # empty challenge, with the space
+    assert [r.enhanced for r in replies[5:7]] == ["5.7.0", "5.5.2"]
+    # LOGIN with an initial response asks for the password, not the user name again
+    assert base64.b64decode(replies[7].lines[0][4:]).startswith(b"Password")
+    assert [r.enhanced for r in replies[8:10]] == ["2.7.0", "5.5.1"]
+    await relay.stop(deadline=1)
+    assert downstream.commands == []
