@@ -38,7 +38,7 @@ class Relay:
         self.scheduler = Scheduler(
             self.store, self.deliverer, retry=cfg.queue.retry, lifetime=cfg.queue.lifetime,
             concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
-            pacer=Pacer(cfg.outbound.destination_for))
+            pacer=Pacer(cfg.outbound.destination_for), hostname=cfg.server.hostname)
         self.edge = Edge(cfg, self.store, self.scheduler.wake)
         self.smtp_addresses: list[tuple[str, int]] = []
         self.running = False

@@ -22,6 +22,7 @@ SMTPD = logging.getLogger("relay.smtpd")
 CLEANUP = logging.getLogger("relay.cleanup")
 QMGR = logging.getLogger("relay.qmgr")
 SMTP = logging.getLogger("relay.smtp")
+BOUNCE = logging.getLogger("relay.bounce")
 MASTER = logging.getLogger("relay.master")
 
 

@@ -142,13 +142,17 @@ async def test_550_for_one_of_three_recipients(downstream: Downstream, start_rel
     rcpts = ["a@example.net", "b@example.net", "c@example.net"]
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:
         await c.sendmail("app@example.com", rcpts, MESSAGE)
-    await downstream.wait_messages(1)
-    assert downstream.messages[0].rcpt_tos == ["a@example.net", "c@example.net"]
-
-    outcomes = {e[1]: e[2] for e in await wait_events(relay, 3)}
+    original, notice = await downstream.wait_messages(2)
+    assert original.rcpt_tos == ["a@example.net", "c@example.net"]
+    # the sender is told about b, by a delivery status notification from the null sender
+    assert (notice.mail_from, notice.rcpt_tos) == ("", ["app@example.com"])
+    assert b"Content-Type: multipart/report; report-type=delivery-status" in notice.data
+    assert b"Final-Recipient: rfc822; b@example.net" in notice.data
+    assert b"Status: 5.1.1" in notice.data
+    outcomes = {e[1]: e[2] for e in await wait_events(relay, 4)}
     assert outcomes == {"a@example.net": "delivered", "b@example.net": "bounced",
-                                "c@example.net": "delivered"}
-    assert await relay.store.list() == []   # all terminal: the message is removed
+                        "c@example.net": "delivered", "app@example.com": "delivered"}
+    assert await relay.store.list() == []   # all terminal: the messages are removed
 
 
 async def test_restart_while_deferred_then_delivers(tmp_path, downstream: Downstream) -> None:
@@ -199,18 +203,19 @@ async def test_inflight_delivery_is_retried_after_a_crash(tmp_path,
 
 
 async def test_expired_after_lifetime(downstream: Downstream, start_relay) -> None:
-    downstream.script("RCPT", "450 4.2.1 mailbox busy", times=None)
+    downstream.script("RCPT", "450 4.2.1 mailbox busy", times=None, match="r@example.net")
     relay = await start_relay(downstream.port, queue={"retry": ["100ms"], "lifetime": "500ms"})
     port = relay.smtp_addresses[0][1]
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:
         await c.sendmail("app@example.com", ["r@example.net"], MESSAGE)
 
-    end = asyncio.get_running_loop().time() + 10
-    while not (events := await relay.store.events()) or events[-1][2] == "deferred":
-        assert asyncio.get_running_loop().time() < end, events
-        await asyncio.sleep(0.02)
+    [notice] = await downstream.wait_messages(1)
+    assert notice.mail_from == "" and notice.rcpt_tos == ["app@example.com"]
+    assert b"Action: failed" in notice.data and b"Status: 4.2.1" in notice.data
+    events = [e for e in await wait_events(relay, 3) if e[1] == "r@example.net"]
     assert events[-1][2] == "expired"
     assert {e[2] for e in events[:-1]} == {"deferred"}
+    await wait_events(relay, len(events) + 1)
     assert await relay.store.list() == []
 
 
@@ -256,7 +261,10 @@ async def test_eight_bit_body_refused_when_next_hop_lacks_8bitmime(start_relay) 
                              mail_options=["BODY=8BITMIME"])
         ev = await wait_events(relay, 1)
         assert ev[0][2] == "bounced" and "5.6.3" in ev[0][3]
-        assert not any(line.upper().startswith(b"DATA") for _, line in ds.commands)
+        # only the (7-bit) notice to the sender went out, never the 8-bit message
+        [notice] = await ds.wait_messages(1)
+        assert notice.mail_from == "" and b"Status: 5.6.3" in notice.data
+        assert notice.data.isascii()
 
 
 async def test_connection_refused_is_deferred(start_relay, tmp_path) -> None:
@@ -285,3 +293,16 @@ async def test_drop_mid_data_is_deferred_not_lost(downstream: Downstream, start_
     await downstream.wait_messages(1, timeout=10)
     events = [e[2] for e in await wait_events(relay, 2)]
     assert events == ["deferred", "delivered"]
+
+
+async def test_no_notice_about_a_message_from_the_null_sender(downstream: Downstream,
+                                                              start_relay) -> None:
+    """RFC 5321 6.1 / case 11: a bounce of a bounce is never sent (no loops)."""
+    downstream.script("RCPT", "550 5.1.1 no such user", times=None)
+    relay = await start_relay(downstream.port)
+    port = relay.smtp_addresses[0][1]
+    await asyncio.to_thread(smtplib_send, port, "", ["gone@example.net"], MESSAGE)
+    [ev] = await wait_events(relay, 1)
+    assert ev[2] == "bounced"
+    assert await relay.store.list() == []      # nothing new was queued
+    assert downstream.messages == []

@@ -128,10 +128,12 @@ class QueueStore(Protocol):
         """When the earliest queued recipient becomes due, or None if there is none."""
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
-                     events: list[tuple[str, str, str]] | None = None) -> bool:
+                     events: list[tuple[str, str, str]] | None = None,
+                     notify: NewMessage | None = None) -> bool:
         """Write outcomes of an attempt; drop the message once every recipient is terminal.
 
-        `events` are (recipient, event, reply) rows for the event log. Return True when the
+        `events` are (recipient, event, reply) rows for the event log; `notify` a new
+        message (a bounce notice) committed in the same transaction. Return True when the
         message was removed."""
 
     async def list(self) -> list[QueueEntry]:

@@ -72,7 +72,10 @@ class MemoryQueueStore:
         return min(times) if times else None
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
-                     events: list[tuple[str, str, str]] | None = None) -> bool:
+                     events: list[tuple[str, str, str]] | None = None,
+                     notify: NewMessage | None = None) -> bool:
+        if notify is not None:
+            await self.enqueue(notify)
         stored = self._messages.get(queue_id)
         for rcpt, event, reply in events or []:
             self.event_log.append((queue_id, rcpt, event, reply))

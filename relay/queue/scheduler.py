@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 
 from relay import replies
-from relay.log import QMGR, SMTP
+from relay.log import BOUNCE, QMGR, SMTP
 from relay.outbound import Deliverer, RcptResult
-from relay.outbound.classify import Action, classify, from_catalogue
-from relay.queue import Job, QueueStore, Settlement, State
+from relay.outbound.classify import Action, SmtpReply, classify, from_catalogue
+from relay.outbound.dsn import FailedRecipient, build_dsn
+from relay.queue import Job, NewMessage, QueueStore, Settlement, State, new_queue_id
 from relay.queue.pacing import Paced, Pacer
 
 
@@ -41,7 +42,7 @@ class Scheduler:
                  retry: tuple[float, ...], lifetime: float, concurrency: int,
                  max_rcpts: int = 100, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, idle_poll: float = 5.0,
-                 pacer: Pacer | None = None):
+                 pacer: Pacer | None = None, hostname: str = "localhost"):
         self.store = store
         self.deliverer = deliverer
         self.retry = retry
@@ -52,6 +53,7 @@ class Scheduler:
         self.rng = rng or random.Random()
         self.idle_poll = idle_poll
         self.pacer = pacer or Pacer(lambda domain: None)
+        self.hostname = hostname
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -160,6 +162,7 @@ class Scheduler:
         settlements: list[Settlement] = []
         events: list[tuple[str, str, str]] = []
         lines: list[tuple[int, str]] = []
+        failed: list[FailedRecipient] = []
         for res in results:
             rcpt, reply = res.recipient, res.reply
             verdict = classify(reply)
@@ -174,6 +177,7 @@ class Scheduler:
                 settlements.append(Settlement(rcpt.id, State.BOUNCED, now, str(reply)))
                 events.append((rcpt.address, "bounced", str(reply)))
                 lines.append((logging.INFO, f"{head}, status=bounced ({reply})"))
+                failed.append(_failed(rcpt.address, reply, res.relay, now, "5.0.0"))
             elif now - job.received_at >= self.lifetime:
                 why = from_catalogue(replies.R4XX_EXPIRED, lifetime=_duration(self.lifetime),
                                      last=str(reply))
@@ -181,6 +185,7 @@ class Scheduler:
                                               res.counts))
                 events.append((rcpt.address, "expired", str(reply)))
                 lines.append((logging.INFO, f"{head}, status=expired ({why.text})"))
+                failed.append(_failed(rcpt.address, reply, res.relay, now, "4.4.7"))
             else:
                 attempts = rcpt.attempts + (1 if res.counts else 0)
                 # An attempt that does not count (our side's fault) is retried soon, not at once.
@@ -189,16 +194,43 @@ class Scheduler:
                                               res.counts))
                 events.append((rcpt.address, "deferred", str(reply)))
                 lines.append((logging.INFO, f"{head}, status=deferred ({reply})"))
+        notice = self._notice(job, failed, now) if failed else None
         try:
-            removed = await self.store.settle(job.queue_id, settlements, events)
+            removed = await self.store.settle(job.queue_id, settlements, events, notice)
         except Exception:  # noqa: BLE001 - the lease stays; see below
             # The lease stays; recover() at the next start retries these recipients.
             QMGR.exception("%s: cannot record delivery outcome", job.queue_id)
             return
         for level, line in lines:
             SMTP.log(level, line)
+        if notice is not None:
+            BOUNCE.info("%s: sender non-delivery notification: %s", job.queue_id,
+                        notice.queue_id)
+            self.wake()
         if removed:
             QMGR.info("%s: removed", job.queue_id)
+
+
+    def _notice(self, job: Job, failed: list[FailedRecipient], now: float) -> NewMessage | None:
+        """The non-delivery notification to the envelope sender (RFC 3464), if any."""
+        body = build_dsn(queue_id=job.queue_id, original_sender=job.sender, recipients=failed,
+                         original_message=job.body, reporting_mta=self.hostname,
+                         arrival_date=job.received_at, now=now, rng=self.rng)
+        if body is None:   # RFC 5321 6.1: never about a message with a null reverse-path
+            return None
+        return NewMessage(queue_id=new_queue_id(), sender="", recipients=[job.sender],
+                          body=body, received_at=now, smtputf8=not job.sender.isascii(),
+                          eightbit=not body.isascii(), client="bounce", app=job.app,
+                          stream="transactional", meta={"notice_for": job.queue_id})
+
+
+def _failed(address: str, reply: SmtpReply, relay: str, now: float,
+            default_status: str) -> FailedRecipient:
+    status = reply.enhanced or default_status
+    if default_status.startswith("4") and not status.startswith("4"):
+        status = default_status   # an expiry reports the transient status it gave up on
+    return FailedRecipient(address=address, status=status, diagnostic=str(reply),
+                           remote_mta=None if relay == "none" else relay, last_attempt=now)
 
 
 def _dsn(code: int) -> str:

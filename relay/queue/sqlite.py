@@ -207,22 +207,7 @@ class SQLiteQueueStore:
     # -- the QueueStore interface --
 
     async def enqueue(self, msg: NewMessage) -> None:
-        meta = json.dumps(msg.meta)
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO messages (queue_id, sender, body, size, smtputf8, eightbit, client,"
-                " app, stream, meta, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (msg.queue_id, msg.sender, msg.body, len(msg.body), int(msg.smtputf8),
-                 int(msg.eightbit), msg.client, msg.app, msg.stream, meta, msg.received_at),
-            )
-            conn.executemany(
-                "INSERT INTO recipients (queue_id, address, state, next_attempt, updated_at)"
-                " VALUES (?,?,'queued',?,?)",
-                [(msg.queue_id, r, msg.received_at, msg.received_at) for r in msg.recipients],
-            )
-
-        await self._run(work)
+        await self._run(lambda conn: _insert(conn, msg))
 
     async def recover(self) -> int:
         def work(conn: sqlite3.Connection) -> int:
@@ -275,7 +260,8 @@ class SQLiteQueueStore:
         return await self._run(work)
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
-                     events: list[tuple[str, str, str]] | None = None) -> bool:
+                     events: list[tuple[str, str, str]] | None = None,
+                     notify: NewMessage | None = None) -> bool:
         now = time.time()
 
         def work(conn: sqlite3.Connection) -> bool:
@@ -288,6 +274,8 @@ class SQLiteQueueStore:
                 conn.executemany(
                     "INSERT INTO events (ts, queue_id, recipient, event, reply) VALUES (?,?,?,?,?)",
                     [(now, queue_id, r, e, reply) for r, e, reply in events])
+            if notify is not None:   # the bounce notice commits with the bounce, or neither
+                _insert(conn, notify)
             return _drop_if_done(conn, queue_id)
 
         return await self._run(work)
@@ -365,6 +353,21 @@ class SQLiteQueueStore:
                                 " WHERE queue_id=? ORDER BY id", (queue_id,)).fetchall()
 
         return await self._run(work)
+
+
+def _insert(conn: sqlite3.Connection, msg: NewMessage) -> None:
+    conn.execute(
+        "INSERT INTO messages (queue_id, sender, body, size, smtputf8, eightbit, client,"
+        " app, stream, meta, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (msg.queue_id, msg.sender, msg.body, len(msg.body), int(msg.smtputf8),
+         int(msg.eightbit), msg.client, msg.app, msg.stream, json.dumps(msg.meta),
+         msg.received_at),
+    )
+    conn.executemany(
+        "INSERT INTO recipients (queue_id, address, state, next_attempt, updated_at)"
+        " VALUES (?,?,'queued',?,?)",
+        [(msg.queue_id, r, msg.received_at, msg.received_at) for r in msg.recipients],
+    )
 
 
 def _recipients(conn: sqlite3.Connection, queue_id: str) -> list[Recipient]:
