@@ -183,11 +183,22 @@ class HeadersConfig:
 class HttpConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 8025)
     public_url: str = "http://127.0.0.1:8025"
+    max_body: int = 4096
 
 
 @dataclass(frozen=True)
 class UnsubscribeConfig:
     secret_env: str = "RELAY_UNSUBSCRIBE_SECRET"
+    token_lifetime: float = 60 * 86400.0
+    existing_header: str = "replace"      # what to do with an app's own List-Unsubscribe
+    mail_domain: str | None = None        # mailto: unsubscribe@DOMAIN (default: hostname)
+    scope: str = "global"                 # "global" or "sender-domain"
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    path: Path = Path("var/suppression.db")
+    at_rcpt: str = "reject"               # "reject" (550 5.7.1) or "drop" (accept, event)
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     headers: HeadersConfig = field(default_factory=HeadersConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     dkim: tuple[DkimKeyConfig, ...] = ()
     apps: tuple[AppConfig, ...] = ()
 
@@ -531,14 +543,31 @@ class _Loader:
         cfg = HttpConfig(
             listen=s.get("listen", d.listen, lambda v: None if v == "" else parse_hostport(v)),
             public_url=s.get("public_url", d.public_url, url),
+            max_body=s.get("max_body", d.max_body, parse_size),
         )
         s.done()
         return cfg
 
     def unsubscribe(self, raw: object) -> UnsubscribeConfig:
         s = _Section(self, "unsubscribe", raw)
-        cfg = UnsubscribeConfig(secret_env=s.get("secret_env", UnsubscribeConfig.secret_env,
-                                                 _env_name))
+        d = UnsubscribeConfig()
+        cfg = UnsubscribeConfig(
+            secret_env=s.get("secret_env", d.secret_env, _env_name),
+            token_lifetime=s.get("token_lifetime", d.token_lifetime, parse_duration),
+            existing_header=s.get("existing_header", d.existing_header,
+                                  _one_of("replace", "keep", "merge")),
+            mail_domain=s.get("mail_domain", None, _domain),
+            scope=s.get("scope", d.scope, _one_of("global", "sender-domain")),
+        )
+        s.done()
+        return cfg
+
+    def suppression(self, raw: object) -> SuppressionConfig:
+        s = _Section(self, "suppression", raw)
+        cfg = SuppressionConfig(
+            path=s.get("path", self.base / SuppressionConfig.path, self.path_value),
+            at_rcpt=s.get("at_rcpt", "reject", _one_of("reject", "drop")),
+        )
         s.done()
         return cfg
 
@@ -607,8 +636,8 @@ class _Loader:
         return tuple(out)
 
 
-_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "log", "dns", "headers",
-             "dkim", "app")
+_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "suppression", "log", "dns",
+             "headers", "dkim", "app")
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -626,9 +655,16 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         log=loader.log(data.get("log", {})),
         dns=loader.dns(data.get("dns", {})),
         headers=loader.headers(data.get("headers", {})),
+        suppression=loader.suppression(data.get("suppression", {})),
         dkim=loader.dkim(data.get("dkim", [])),
         apps=loader.apps(data.get("app", [])),
     )
+    marketing = cfg.server.default_stream == "marketing" or any(
+        a.stream == "marketing" for a in cfg.apps)
+    if marketing and cfg.unsubscribe.secret_env not in os.environ:
+        loader.problem("unsubscribe.secret_env",
+                       f"environment variable {cfg.unsubscribe.secret_env} is not set; the "
+                       "marketing stream needs it to sign List-Unsubscribe tokens")
     if loader.problems:
         raise ConfigError(loader.problems)
     return cfg

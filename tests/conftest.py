@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,6 +25,9 @@ if not SHARED.is_dir():  # CI lays shared/ beside the clone; a developer's check
 CASES = SHARED / "cases"
 CORPUS = SHARED / "corpus" / "python-email"
 
+# A test-only unsubscribe secret, made at run time (never a literal in the repo).
+os.environ.setdefault("RELAY_UNSUBSCRIBE_SECRET", secrets.token_hex(32))
+
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -40,6 +45,7 @@ def relay_config(tmp_path: Path, smarthost_port: int, **sections: dict[str, Any]
         "server": {"hostname": "relay.test", "listen": ["127.0.0.1:0"],
                    "mynetworks": ["127.0.0.0/8"]},
         "queue": {"path": str(tmp_path / "relay.db"), "retry": ["200ms"], "lifetime": "1h"},
+        "suppression": {"path": str(tmp_path / "suppression.db")},
         "outbound": {"mode": "smarthost", "smarthost": f"127.0.0.1:{smarthost_port}",
                      "max_connections": 4, "idle_timeout": "30s",
                      "connect_timeout": "5s", "command_timeout": "5s"},

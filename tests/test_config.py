@@ -134,7 +134,7 @@ BAD = [
     ("second-dkim-bad-domain", OUTBOUND + '[[dkim]]\ndomain = "example.com"\nselector = "s1"\n'
      'key = "dkim.pem"\n[[dkim]]\ndomain = "bad domain"\nselector = "s2"\nkey = "dkim.pem"\n',
      "dkim[1].domain"),
-    ("app-missing-name", OUTBOUND + APP + 'stream = "marketing"\n', "app[0].name"),
+    ("app-missing-name", OUTBOUND + APP + 'from_domains = ["example.com"]\n', "app[0].name"),
     ("app-duplicate-name", OUTBOUND + APP + 'name = "shop"\n' + APP + 'name = "shop"\n',
      "app[1].name"),
     ("app-stream-bad", OUTBOUND + APP + 'name = "shop"\nstream = "news"\n', "app[0].stream"),
