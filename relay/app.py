@@ -10,37 +10,81 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Self
 
 from relay.config import Config, ConfigError, default_config_path, load_config
 from relay.log import MASTER, ReopenableFileHandler, configure_logging
 from relay.outbound import Deliverer
+from relay.outbound.dkim import Signer, load_keys
+from relay.outbound.render import Renderer, UnsubscribeSettings
 from relay.outbound.smarthost import SmarthostDeliverer
+from relay.policy.unsubscribe import Tokens
 from relay.queue import QueueStore
 from relay.queue.pacing import Pacer
 from relay.queue.scheduler import Scheduler
 from relay.queue.sqlite import SQLiteQueueStore
 from relay.server import Edge
+from relay.suppression import SuppressionStore
+from relay.suppression.store import SQLiteSuppressionStore
+from relay.web import HttpListener, make_app
+
+
+def make_tokens(cfg: Config, environ: Mapping[str, str] | None = None) -> Tokens | None:
+    """The unsubscribe token signer, from the secret in [unsubscribe].secret_env."""
+    env = os.environ if environ is None else environ
+    secret = env.get(cfg.unsubscribe.secret_env)
+    if not secret:
+        return None
+    return Tokens(secret.encode("utf-8"), lifetime=cfg.unsubscribe.token_lifetime)
+
+
+def make_renderer(cfg: Config, tokens: Tokens | None) -> Renderer:
+    """List-Unsubscribe for the marketing stream, then DKIM with every [[dkim]] key.
+    Raises DkimKeyError for an unreadable or unusable key: the relay must not start."""
+    signer = Signer(load_keys(cfg.dkim)) if cfg.dkim else None
+    unsubscribe = None
+    if tokens is not None:
+        u = cfg.unsubscribe
+        unsubscribe = UnsubscribeSettings(
+            tokens=tokens, public_url=cfg.http.public_url,
+            mail_domain=u.mail_domain or cfg.server.hostname,
+            existing_header=u.existing_header, scope=u.scope)
+    fallbacks = {a.name: a.dkim_fallback_domain for a in cfg.apps if a.dkim_fallback_domain}
+    return Renderer(unsubscribe=unsubscribe, signer=signer, fallback_domains=fallbacks)
 
 
 class Relay:
     def __init__(self, cfg: Config, *, store: QueueStore | None = None,
-                 deliverer: Deliverer | None = None, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 deliverer: Deliverer | None = None,
+                 suppressions: SuppressionStore | None = None,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None):
         self.cfg = cfg
         self.store: QueueStore = store or SQLiteQueueStore(cfg.queue.path)
-        self.deliverer: Deliverer = deliverer or SmarthostDeliverer(cfg.outbound,
-                                                                    cfg.server.hostname)
+        self.suppressions: SuppressionStore = suppressions or SQLiteSuppressionStore(
+            cfg.suppression.path)
+        self.tokens = make_tokens(cfg)
+        self.renderer = make_renderer(cfg, self.tokens)
+        self.deliverer: Deliverer = deliverer or SmarthostDeliverer(
+            cfg.outbound, cfg.server.hostname, renderer=self.renderer)
         self.scheduler = Scheduler(
             self.store, self.deliverer, retry=cfg.queue.retry, lifetime=cfg.queue.lifetime,
             concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
-            pacer=Pacer(cfg.outbound.destination_for), hostname=cfg.server.hostname)
-        self.edge = Edge(cfg, self.store, self.scheduler.wake)
+            pacer=Pacer(cfg.outbound.destination_for), hostname=cfg.server.hostname,
+            suppressions=self.suppressions)
+        self.edge = Edge(cfg, self.store, self.scheduler.wake, suppressions=self.suppressions,
+                         tokens=self.tokens, signer=self.renderer.signer)
+        self.http: HttpListener | None = None
+        if cfg.http.listen is not None and self.tokens is not None:
+            app = make_app(tokens=self.tokens, store=self.suppressions,
+                           max_body=cfg.http.max_body)
+            self.http = HttpListener(app, *cfg.http.listen)
         self.smtp_addresses: list[tuple[str, int]] = []
+        self.http_address: tuple[str, int] | None = None
         self.running = False
 
     async def start(self) -> None:
@@ -52,6 +96,9 @@ class Relay:
                         recovered)
         self.scheduler.start()
         self.smtp_addresses = await self.edge.start()
+        if self.http is not None:
+            self.http_address = await self.http.start()
+            MASTER.info("HTTP listening on %s:%d", *self.http_address)
         for host, port in self.smtp_addresses:
             MASTER.info("daemon started: SMTP listening on %s:%d", host, port)
 
@@ -60,9 +107,12 @@ class Relay:
             return
         self.running = False
         await self.edge.stop(deadline)
+        if self.http is not None:
+            await self.http.stop()
         await self.scheduler.stop(deadline)
         await self.deliverer.close()
         await self.store.close()
+        self.suppressions.close()
         MASTER.info("daemon stopped")
 
     def reload(self, cfg: Config) -> None:

@@ -229,6 +229,8 @@ class AppConfig:
     rate: tuple[float, float] | None = None              # messages per period
     recipient_rate: tuple[float, float] | None = None    # recipients per period
     require_dkim: bool = False
+    dkim_fallback_domain: str | None = None   # sign with this domain's key when the From
+                                              # domain has none
 
 
 @dataclass(frozen=True)
@@ -621,6 +623,7 @@ class _Loader:
                 rate=s.get("rate", None, parse_rate),
                 recipient_rate=s.get("recipient_rate", None, parse_rate),
                 require_dkim=s.get("require_dkim", False, _bool),
+                dkim_fallback_domain=s.get("dkim_fallback_domain", None, _domain),
             )
             s.done()
             if (app.password_env is None) == (app.password_hash is None):

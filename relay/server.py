@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email
+import email.policy
 import email.utils
 import functools
 import ipaddress
@@ -25,13 +27,18 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from relay import replies
-from relay.address import check_mailbox, parse_path
+from relay.address import canonical, check_mailbox, parse_path
 from relay.config import Config, IPNetwork
 from relay.log import CLEANUP, QMGR, SMTPD
+from relay.outbound.dkim import DkimMessageError, Signer
+from relay.outbound.dkim import check as dkim_check
 from relay.policy.engine import Client, Policy, Transaction
 from relay.policy.headers import apply_header_rules
+from relay.policy.unsubscribe import Tokens, token_from_subject
 from relay.queue import NewMessage, QueueStore, new_queue_id
+from relay.queue.scheduler import suppression_scopes
 from relay.replies import Reply
+from relay.suppression import Reason, Suppression, SuppressionStore
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
 
@@ -229,6 +236,9 @@ class EdgeHandler:
         mailbox = parse_path(server.raw_path[len("FROM:"):])
         tx = Transaction(server.client, sender=mailbox or "")
         refusal = policy.first(policy.mail_checks[:1], tx)   # access first: say nothing more
+        if refusal is not None and policy.unsubscribe_address:
+            # Anyone may mail our unsubscribe address: the relay decision moves to RCPT.
+            refusal = None
         if refusal is None:
             if mailbox is None:
                 return str(replies.R501_BAD_SENDER)
@@ -249,16 +259,24 @@ class EdgeHandler:
                           address: str, rcpt_options: list[str]) -> str:
         policy = server.policy
         tx = Transaction(server.client, sender=envelope.mail_from)
+        mailbox = parse_path(server.raw_path[len("TO:"):])
+        if mailbox and policy.is_unsubscribe_address(mailbox):
+            # Mail to our own unsubscribe address: taken in by us, never relayed (RFC 2369).
+            local = getattr(envelope, "local_rcpts", [])
+            envelope.local_rcpts = [*local, mailbox]
+            envelope.rcpt_tos.append(mailbox)
+            return str(replies.R250_RCPT_OK)
         refusal = policy.first(policy.rcpt_checks, tx)
         if refusal is None and len(envelope.rcpt_tos) >= policy.cfg.server.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients; the client sends the rest later.
             refusal = replies.R452_TOO_MANY_RCPTS
-        mailbox = parse_path(server.raw_path[len("TO:"):])
         if refusal is None:
             if not mailbox:
                 refusal = replies.R501_BAD_RCPT
             else:
                 refusal = check_mailbox(mailbox, smtputf8=bool(envelope.smtp_utf8), sender=False)
+        if refusal is None:
+            refusal = self.suppressed(policy, envelope.mail_from, mailbox)
         if refusal is None:
             refusal = await policy.take_recipient(tx)
         if refusal is not None:
@@ -268,6 +286,33 @@ class EdgeHandler:
         envelope.rcpt_tos.append(mailbox)
         envelope.rcpt_options.extend(rcpt_options)
         return str(replies.R250_RCPT_OK)
+
+    def suppressed(self, policy: Policy, sender: str, mailbox: str) -> str | None:
+        """The refusal for a suppressed recipient, unless the admin chose accept-and-drop
+        (then the scheduler ends it as "suppressed", with an event)."""
+        if self.edge.suppressions is None or policy.cfg.suppression.at_rcpt == "drop":
+            return None
+        entry = self.edge.suppressions.check(
+            mailbox, suppression_scopes("" if sender == "<>" else sender))
+        if entry is None:
+            return None
+        return replies.R550_SUPPRESSED.format(reason=entry.reason)
+
+    async def take_unsubscribe(self, session: Session, envelope: Envelope,
+                               subject: str | None) -> None:
+        """An unsubscribe request by mail: the token is in the Subject (RFC 6068 mailto)."""
+        tokens, store = self.edge.tokens, self.edge.suppressions
+        token = token_from_subject(subject or "")
+        data = tokens.verify(token) if (tokens and token) else None
+        if data is None or store is None:
+            SMTPD.info("%s: unsubscribe mail without a valid token; ignored",
+                       client_name(session))
+            return
+        entry = Suppression(canonical(data.recipient), data.scope, Reason.UNSUBSCRIBE,
+                            "mailto", time.time())
+        await asyncio.to_thread(store.add, entry)
+        SMTPD.info("%s: to=<%s>, scope=%s, status=unsubscribed (mailto, client=%s)",
+                   data.queue_id, _printable(data.recipient), data.scope, client_name(session))
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         policy = server.policy
@@ -292,17 +337,28 @@ class EdgeHandler:
                 content, policy.header_rules, app=app.name if app else None,
                 hostname=policy.cfg.server.hostname, now=now, stream=policy.stream_for(tx))
         refusal: Reply | str | None = None
+        local = getattr(envelope, "local_rcpts", [])
         if headers.message is None:
             refusal = _HEADER_REFUSALS.get(headers.refusal or "", replies.R550_BAD_HEADER)
+        elif len(local) == len(envelope.rcpt_tos):
+            await self.take_unsubscribe(session, envelope, _subject(content))
+            return str(replies.R250_UNSUBSCRIBE_TAKEN)
         else:
             refusal = policy.first(policy.data_checks, tx)
+        if refusal is None and self.edge.signer is not None:
+            try:   # a message dkimpy cannot sign is refused now, never queued unsigned
+                dkim_check(headers.message)
+            except DkimMessageError as exc:
+                refusal = replies.R550_CANNOT_SIGN.format(why=exc.why)
         if refusal is not None:
             SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client, refusal)
             return str(refusal)
         assert headers.message is not None
+        if local:
+            await self.take_unsubscribe(session, envelope, _subject(content))
         queue_id = new_queue_id()
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
-        rcpts = list(dict.fromkeys(envelope.rcpt_tos))   # one delivery per recipient
+        rcpts = [r for r in dict.fromkeys(envelope.rcpt_tos) if r not in local]
         smtputf8 = bool(envelope.smtp_utf8)
         body = self.received_header(server, session, queue_id, rcpts, smtputf8, now) \
             + headers.message
@@ -368,6 +424,13 @@ def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+def _subject(message: bytes) -> str | None:
+    parsed = email.message_from_bytes(message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n",
+                                      policy=email.policy.SMTP)
+    value = parsed.get("Subject")
+    return str(value) if value is not None else None
+
+
 def _printable(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii").replace("\r", "\\r") \
         .replace("\n", "\\n")
@@ -376,11 +439,16 @@ def _printable(text: str) -> str:
 class Edge:
     """The SMTP listeners of [server].listen."""
 
-    def __init__(self, cfg: Config, store: QueueStore, on_queued: Callable[[], None]):
+    def __init__(self, cfg: Config, store: QueueStore, on_queued: Callable[[], None], *,
+                 suppressions: SuppressionStore | None = None, tokens: Tokens | None = None,
+                 signer: Signer | None = None):
         self.cfg = cfg
-        self.policy = Policy(cfg)
+        self.policy = Policy(cfg, intake=tokens is not None)
         self.store = store
         self.on_queued = on_queued
+        self.suppressions = suppressions
+        self.tokens = tokens
+        self.signer = signer
         self.handler = EdgeHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False
@@ -389,7 +457,7 @@ class Edge:
 
     def reload(self, cfg: Config) -> None:
         """New sessions get the new policy; sessions in flight keep theirs."""
-        self.policy = Policy(cfg, lockout=self.policy.lockout)
+        self.policy = Policy(cfg, lockout=self.policy.lockout, intake=self.tokens is not None)
         self.cfg = cfg
 
     def _protocol(self, implicit_tls: bool) -> RelaySMTP:

@@ -9,6 +9,7 @@ bytes we send are the bytes the client gave us (RFC 5321 4.1.2, 4.5.5).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import ssl
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from relay.config import OutboundConfig
 from relay.outbound import RcptResult
 from relay.outbound.classify import SmtpReply, from_catalogue, parse_reply
 from relay.outbound.pool import Connection, ConnectionPool
-from relay.queue import Job
+from relay.outbound.render import Renderer
+from relay.queue import Job, Recipient
 
 
 class _Stale(Exception):
@@ -29,6 +31,7 @@ class _Stale(Exception):
 
 class SmarthostDeliverer:
     def __init__(self, cfg: OutboundConfig, helo_name: str, *,
+                 renderer: Renderer | None = None,
                  tls_context: ssl.SSLContext | None = None,
                  environ: Callable[[str], str | None] = os.environ.get):
         assert cfg.smarthost is not None
@@ -36,6 +39,7 @@ class SmarthostDeliverer:
         self.host, self.port = cfg.smarthost
         self.helo_name = cfg.helo_name or helo_name
         self.tls_context = tls_context
+        self.renderer = renderer or Renderer()
         self.username = environ(cfg.username_env) if cfg.username_env else None
         self.password = environ(cfg.password_env) if cfg.password_env else None
         self.pool = ConnectionPool(self._connect, max_connections=cfg.max_connections,
@@ -81,8 +85,20 @@ class SmarthostDeliverer:
         await self.pool.close()
 
     async def deliver(self, job: Job) -> list[RcptResult]:
-        """One transaction for the job's recipients; retried once on a fresh connection when
-        a pooled connection turns out to have been closed by the server (not counted)."""
+        """One transaction for the job's recipients, or one per recipient when each gets
+        its own headers (marketing: List-Unsubscribe)."""
+        if not self.renderer.per_recipient(job):
+            return await self._deliver(job, job.recipients, self.renderer.render(job, None))
+        results: list[RcptResult] = []
+        for rcpt in job.recipients:
+            results += await self._deliver(job, [rcpt], self.renderer.render(job, rcpt))
+        return results
+
+    async def _deliver(self, job: Job, rcpts: list[Recipient],
+                       body: bytes) -> list[RcptResult]:
+        """One transaction; retried once on a fresh connection when a pooled connection
+        turns out to have been closed by the server (not counted)."""
+        job = dataclasses.replace(job, recipients=rcpts, body=body)
         for _ in range(2):
             try:
                 conn = await self.pool.acquire()

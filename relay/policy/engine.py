@@ -43,8 +43,16 @@ Check = Callable[[Transaction], Reply | str | None]
 
 
 class Policy:
-    def __init__(self, cfg: Config, *, lockout: AuthLockout | None = None):
+    def __init__(self, cfg: Config, *, lockout: AuthLockout | None = None,
+                 intake: bool = False):
         self.cfg = cfg
+        # Our own mailbox for unsubscribe-by-mail (RFC 2369 mailto), when marketing mail is
+        # sent and tokens can be checked (`intake`).
+        marketing = cfg.server.default_stream == "marketing" or any(
+            a.stream == "marketing" for a in cfg.apps)
+        domain = cfg.unsubscribe.mail_domain or cfg.server.hostname
+        self.unsubscribe_address = f"unsubscribe@{domain.lower()}" if (
+            intake and marketing) else None
         self.accounts = Accounts(cfg.apps)
         # The lockout survives a reload, so a reload is no way around it.
         self.lockout = lockout or AuthLockout(cfg.server.auth_max_failures,
@@ -62,6 +70,10 @@ class Policy:
         self.rcpt_checks: list[Check] = [self.check_access]
         self.data_checks: list[Check] = [self.check_from_domain, self.check_dkim_key,
                                          self.check_stream]
+
+    def is_unsubscribe_address(self, mailbox: str) -> bool:
+        return self.unsubscribe_address is not None and \
+            mailbox.lower() == self.unsubscribe_address
 
     @staticmethod
     def first(checks: list[Check], tx: Transaction) -> Reply | str | None:

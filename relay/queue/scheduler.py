@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable
 
 from relay import replies
+from relay.address import canonical, domain_of
 from relay.log import BOUNCE, QMGR, SMTP
 from relay.outbound import Deliverer, RcptResult
 from relay.outbound.classify import Action, SmtpReply, classify, from_catalogue
 from relay.outbound.dsn import FailedRecipient, build_dsn
 from relay.queue import Job, NewMessage, QueueStore, Settlement, State, new_queue_id
 from relay.queue.pacing import Paced, Pacer
+from relay.suppression import GLOBAL, Reason, Suppression, SuppressionStore
 
 
 def backoff(attempts: int, steps: tuple[float, ...], rng: random.Random) -> float:
@@ -42,7 +45,8 @@ class Scheduler:
                  retry: tuple[float, ...], lifetime: float, concurrency: int,
                  max_rcpts: int = 100, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, idle_poll: float = 5.0,
-                 pacer: Pacer | None = None, hostname: str = "localhost"):
+                 pacer: Pacer | None = None, hostname: str = "localhost",
+                 suppressions: SuppressionStore | None = None):
         self.store = store
         self.deliverer = deliverer
         self.retry = retry
@@ -54,6 +58,7 @@ class Scheduler:
         self.idle_poll = idle_poll
         self.pacer = pacer or Pacer(lambda domain: None)
         self.hostname = hostname
+        self.suppressions = suppressions
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -140,6 +145,9 @@ class Scheduler:
         delay = paced.start_at - self.clock()
         if delay > 0:
             await asyncio.sleep(delay)
+        job = await self._drop_suppressed(job)
+        if not job.recipients:
+            return
         slots = paced.lane.slots if paced.lane else None
         try:
             if slots is not None:
@@ -157,12 +165,53 @@ class Scheduler:
             results += [RcptResult(r, reply) for r in job.recipients if r.id in missing]
         await self._settle(job, results)
 
+    async def _drop_suppressed(self, job: Job) -> Job:
+        """Invariant 3: a recipient suppressed at the moment of sending is not sent to, even
+        if it was accepted before the suppression arrived. It ends as "suppressed"."""
+        if self.suppressions is None:
+            return job
+        scopes = suppression_scopes(job.sender)
+        hits = [(r, s) for r in job.recipients
+                if (s := self.suppressions.check(r.address, scopes)) is not None]
+        if not hits:
+            return job
+        now = self.clock()
+        try:
+            removed = await self.store.settle(
+                job.queue_id,
+                [Settlement(r.id, State.SUPPRESSED, now, f"suppressed: {s.reason}")
+                 for r, s in hits],
+                [(r.address, "suppressed", f"{s.reason} ({s.scope})") for r, s in hits])
+        except Exception:  # noqa: BLE001 - the lease stays; recover() at start retries
+            QMGR.exception("%s: cannot record suppressed recipients", job.queue_id)
+            return dataclasses.replace(job, recipients=[])
+        for r, s in hits:
+            SMTP.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=5.7.1, status=suppressed "
+                      "(%s, scope %s)", job.queue_id, r.address, now - job.received_at,
+                      s.reason, s.scope)
+        if removed:
+            QMGR.info("%s: removed", job.queue_id)
+        hit_ids = {r.id for r, _ in hits}
+        return dataclasses.replace(job, recipients=[r for r in job.recipients
+                                                    if r.id not in hit_ids])
+
+    async def _suppress(self, address: str, reply: SmtpReply, now: float) -> None:
+        """A reply really about the recipient (invariant 5) suppresses it at once."""
+        if self.suppressions is None:
+            return
+        entry = Suppression(canonical(address), GLOBAL, Reason.HARD_BOUNCE, str(reply), now)
+        try:
+            await asyncio.to_thread(self.suppressions.add, entry)
+        except Exception:  # noqa: BLE001 - delivery outcome is already durable
+            QMGR.exception("cannot record suppression of %s", address)
+
     async def _settle(self, job: Job, results: list[RcptResult]) -> None:
         now = self.clock()
         settlements: list[Settlement] = []
         events: list[tuple[str, str, str]] = []
         lines: list[tuple[int, str]] = []
         failed: list[FailedRecipient] = []
+        to_suppress: list[tuple[str, SmtpReply]] = []
         for res in results:
             rcpt, reply = res.recipient, res.reply
             verdict = classify(reply)
@@ -178,6 +227,8 @@ class Scheduler:
                 events.append((rcpt.address, "bounced", str(reply)))
                 lines.append((logging.INFO, f"{head}, status=bounced ({reply})"))
                 failed.append(_failed(rcpt.address, reply, res.relay, now, "5.0.0"))
+                if verdict.suppress:
+                    to_suppress.append((rcpt.address, reply))
             elif now - job.received_at >= self.lifetime:
                 why = from_catalogue(replies.R4XX_EXPIRED, lifetime=_duration(self.lifetime),
                                      last=str(reply))
@@ -203,6 +254,8 @@ class Scheduler:
             return
         for level, line in lines:
             SMTP.log(level, line)
+        for address, reply in to_suppress:
+            await self._suppress(address, reply, now)
         if notice is not None:
             BOUNCE.info("%s: sender non-delivery notification: %s", job.queue_id,
                         notice.queue_id)
@@ -222,6 +275,12 @@ class Scheduler:
                           body=body, received_at=now, smtputf8=not job.sender.isascii(),
                           eightbit=not body.isascii(), client="bounce", app=job.app,
                           stream="transactional", meta={"notice_for": job.queue_id})
+
+
+def suppression_scopes(sender: str) -> tuple[str, ...]:
+    """The scopes that apply to mail from `sender`: global, and its sending domain."""
+    domain = domain_of(sender) if sender else ""
+    return (GLOBAL, domain) if domain else (GLOBAL,)
 
 
 def _failed(address: str, reply: SmtpReply, relay: str, now: float,

@@ -41,8 +41,8 @@ _BUSY_TIMEOUT_MS = 5000  # another process (the CLI beside `relay serve`) may ho
 
 
 def suppression_path(cfg: Config) -> Path:
-    """Where the suppression database lives: beside the queue database, for now."""
-    return cfg.queue.path.parent / "suppression.db"
+    """Where the suppression database lives: [suppression].path."""
+    return cfg.suppression.path
 
 
 # check() reads one index entry (one scope) or the few entries of one address (several
