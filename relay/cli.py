@@ -18,9 +18,24 @@ def _load(path: str | None) -> Config:
     return load_config(path or default_config_path())
 
 
+def _check_keys(cfg: Config) -> list[str]:
+    """[[dkim]] keys must load: an unusable key stops the relay from starting."""
+    from relay.outbound.dkim import DkimKeyError, load_keys
+
+    try:
+        load_keys(cfg.dkim)
+    except DkimKeyError as exc:
+        where = cfg.path or default_config_path()
+        return [f"{where}: dkim: {exc.path}: {exc.why}"]
+    return []
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        _load(args.config)
+        cfg = _load(args.config)
+        problems = _check_keys(cfg)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -34,6 +49,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args.config)
+        problems = _check_keys(cfg)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)

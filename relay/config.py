@@ -119,6 +119,7 @@ class ServerConfig:
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
     max_sessions: int = 1000
+    max_data_memory: int = 512 * 1024 * 1024   # bytes of DATA held at once, all sessions
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     auth_max_failures: int = 5
@@ -414,6 +415,7 @@ class _Loader:
             max_message_size=s.get("max_message_size", d.max_message_size, parse_size),
             max_recipients=s.get("max_recipients", d.max_recipients, _positive_int),
             max_sessions=s.get("max_sessions", d.max_sessions, _positive_int),
+            max_data_memory=s.get("max_data_memory", d.max_data_memory, parse_size),
             command_timeout=s.get("command_timeout", d.command_timeout, parse_duration),
             data_timeout=s.get("data_timeout", d.data_timeout, parse_duration),
             auth_max_failures=s.get("auth_max_failures", d.auth_max_failures, _positive_int),
@@ -426,6 +428,8 @@ class _Loader:
         if has_cert != has_key:
             self.problem("server.tls_cert" if has_key else "server.tls_key",
                          "tls_cert and tls_key go together")
+        if cfg.max_data_memory < cfg.max_message_size:
+            self.problem("server.max_data_memory", "must be at least max_message_size")
         if cfg.max_message_size < 1024:
             self.problem("server.max_message_size", "must be at least 1KiB")
         s.done()

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
+import warnings
 from typing import TextIO
 
 from relay.config import LogConfig
@@ -24,6 +26,9 @@ QMGR = logging.getLogger("relay.qmgr")
 SMTP = logging.getLogger("relay.smtp")
 BOUNCE = logging.getLogger("relay.bounce")
 MASTER = logging.getLogger("relay.master")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")   # one event, one line: no CR, LF or NUL
 
 
 def _timestamp(created: float) -> str:
@@ -47,7 +52,7 @@ class PostfixFormatter(logging.Formatter):
         if record.exc_info:
             # One line per event: fold the traceback onto the same line.
             msg += " | " + self.formatException(record.exc_info).replace("\n", " | ")
-        msg = msg.replace("\r", "\\r").replace("\n", "\\n")
+        msg = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", msg)
         return f"{_timestamp(record.created)} {self.hostname} relay/{component}[{self.pid}]: {msg}"
 
 
@@ -109,4 +114,14 @@ def configure_logging(cfg: LogConfig, hostname: str, level: int = logging.INFO) 
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    # aiosmtpd's own logger speaks in its own shape ("('1.2.3.4', 5) unrecognised: X") and
+    # is chatty at INFO; the edge logs every refusal itself. Keep only its errors, in our
+    # file and format.
+    lib = logging.getLogger("mail.log")
+    for old in list(lib.handlers):
+        lib.removeHandler(old)
+    lib.addHandler(handler)
+    lib.setLevel(logging.ERROR)
+    lib.propagate = False
+    warnings.filterwarnings("ignore", message=".*login_data is deprecated.*")
     return handler

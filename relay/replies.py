@@ -37,6 +37,7 @@ R250_QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
 R421_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
 R421_TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 R421_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+R452_BUSY = Reply(452, "4.3.1", "Insufficient system resources, try again later")
 R451_QUEUE_WRITE = Reply(451, "4.3.0", "Error: queue file write error, try again later")
 R451_INTERNAL = Reply(451, "4.3.0", "Error: internal error, try again later")
 R452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Error: too many recipients")
@@ -48,6 +49,7 @@ R550_RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 R550_BARE_NEWLINE = Reply(
     550, "5.6.0",
     "Message contains bare CR or LF; only CRLF ends a line (RFC 5322 2.3, RFC 5321 2.3.8)")
+R550_NUL = Reply(550, "5.6.0", "Message contains a NUL octet (RFC 5322 2.3)")
 R552_TOO_BIG = Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
 R553_UTF8_NEEDS_SMTPUTF8 = Reply(
     553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter (RFC 6531 3.4)")

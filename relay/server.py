@@ -70,6 +70,15 @@ def has_bare_newline(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
+def content_refusal(data: bytes) -> Reply | None:
+    """RFC 5322 2.3 / RFC 5321 2.3.8: CR and LF only as CRLF (smuggling, signing); no NUL."""
+    if has_bare_newline(data):
+        return replies.R550_BARE_NEWLINE
+    if b"\0" in data:
+        return replies.R550_NUL
+    return None
+
+
 class RelaySMTP(AioSMTP):
     """aiosmtpd's protocol with enhanced status codes on every reply, a policy snapshot per
     session, AUTH lockout, and a drain mode."""
@@ -87,11 +96,16 @@ class RelaySMTP(AioSMTP):
         self._in_ehlo = False
         self.in_data = False
         self.raw_path = ""
+        self.reservation: list[tuple[str, str]] = []
+        self.reject_logged = False    # set by a handler that logged its own refusal
+        self.last_command = "CONNECT"
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = self._guard(method)
 
     def _guard(self, method: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        @functools.wraps(method)   # keeps __smtp_syntax__ for HELP
         async def guarded(arg: Any) -> None:
+            self.last_command = method.__name__.removeprefix("smtp_")
             if self._edge.draining:
                 # Shutdown, step 2: new commands get 421 (RFC 5321 3.8).
                 await self.push(str(replies.R421_SHUTDOWN))
@@ -99,6 +113,13 @@ class RelaySMTP(AioSMTP):
                     self.transport.close()
                 return
             await method(arg)
+
+        # HELP lists what carries aiosmtpd's syntax marks; our overrides lack them, so take
+        # them from aiosmtpd's own method of the same name.
+        base = getattr(AioSMTP, method.__name__, None)
+        for attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            if base is not None and hasattr(base, attr):
+                setattr(guarded, attr, getattr(base, attr))
         return guarded
 
     @property
@@ -108,6 +129,11 @@ class RelaySMTP(AioSMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._in_ehlo:
             status = replies.with_enhanced_code(status)
+            if status[:1] in ("4", "5") and not self.reject_logged and self.session:
+                # Refusals made inside aiosmtpd (syntax, size, sequence) are logged too.
+                SMTPD.info("NOQUEUE: reject: %s from %s: %s", self.last_command,
+                           client_name(self.session), _printable(status))
+        self.reject_logged = False
         await super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -117,7 +143,8 @@ class RelaySMTP(AioSMTP):
         finally:
             self._in_ehlo = False
 
-    def auth_offered(self) -> bool:
+    # Not "auth_...": aiosmtpd takes every auth_* attribute for a SASL mechanism.
+    def offers_auth(self) -> bool:
         """RFC 4954 4: AUTH only with accounts, and only over TLS unless the admin allows
         plaintext AUTH, which is honoured for loopback clients only."""
         if not self.policy.accounts:
@@ -143,7 +170,7 @@ class RelaySMTP(AioSMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.raw_path = arg or ""    # the handler checks the path as the client wrote it
-        if arg and self.auth_offered():
+        if arg and self.offers_auth():
             # RFC 4954 5: AUTH=<mailbox> (xtext) or AUTH=<>; checked, then not relayed.
             words = arg.split(" ")
             kept = []
@@ -162,11 +189,35 @@ class RelaySMTP(AioSMTP):
         await super().smtp_RCPT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
+        server_cfg = self.policy.cfg.server
+        if self.envelope is not None and self.envelope.rcpt_tos and not arg and (
+                (self._edge.data_inflight + 1) * server_cfg.max_message_size
+                > server_cfg.max_data_memory):
+            # Bound memory (STYLE rule 5): every DATA in flight may hold a whole message.
+            await self.push(str(replies.R452_BUSY))
+            return
         self.in_data = True
+        self._edge.data_inflight += 1
+        # RFC 5321 4.5.3.2.6: the whole DATA transfer gets its own, longer, time limit.
+        self._reset_timeout(server_cfg.data_timeout)
         try:
             await super().smtp_DATA(arg)
         finally:
             self.in_data = False
+            self._edge.data_inflight -= 1
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: say why before closing (421 4.4.2), and log it.
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(str(replies.R421_TIMEOUT).encode() + b"\r\n")
+            SMTPD.info("timeout after %s from %s", "DATA" if self.in_data else "command",
+                       client_name(self.session) if self.session else "unknown")
+        super()._timeout_cb()
+
+    def release_reservation(self) -> None:
+        if self.reservation:
+            self.policy.release(self.reservation)
+            self.reservation = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
@@ -178,11 +229,12 @@ class RelaySMTP(AioSMTP):
             self.session.peer, self.policy.cfg.server.mynetworks))
         if self.implicit_tls:
             self.session.ssl = transport.get_extra_info("cipher")
-        # aiosmtpd offers AUTH when this is False; auth_offered() decides per session.
-        self._auth_require_tls = not self.auth_offered()
+        # aiosmtpd offers AUTH when this is False; offers_auth() decides per session.
+        self._auth_require_tls = not self.offers_auth()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._edge.sessions.discard(self)
+        self.release_reservation()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -201,13 +253,19 @@ class EdgeHandler:
     def __init__(self, edge: Edge):
         self.edge = edge
 
+    async def handle_RSET(self, server: RelaySMTP, session: Session,
+                          envelope: Envelope) -> str:
+        server.release_reservation()
+        return str(replies.R250_OK)
+
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
+        server.release_reservation()   # EHLO resets the transaction (RFC 5321 4.1.4)
         session.host_name = hostname
-        server._auth_require_tls = not server.auth_offered()
+        server._auth_require_tls = not server.offers_auth()
         last = responses.pop()  # "250 HELP"
         responses = [r for r in responses
-                     if not (r.startswith("250-AUTH") and not server.auth_offered())]
+                     if not (r.startswith("250-AUTH") and not server.offers_auth())]
         responses += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", last]
         return responses
 
@@ -247,10 +305,13 @@ class EdgeHandler:
         if refusal is None:
             refusal = policy.first(policy.mail_checks[1:], tx)
         if refusal is not None:
+            server.reject_logged = True
             SMTPD.info("NOQUEUE: reject: MAIL from %s: %s; from=<%s>", client_name(session),
                        refusal, _printable(mailbox or ""))
             return str(refusal)
         # aiosmtpd's RCPT needs a true mail_from: the null path is kept as "<>" until DATA.
+        server.release_reservation()
+        server.reservation = policy.reserve(tx)
         envelope.mail_from = mailbox or "<>"
         envelope.mail_options.extend(mail_options)
         return str(replies.R250_SENDER_OK)
@@ -280,6 +341,7 @@ class EdgeHandler:
         if refusal is None:
             refusal = await policy.take_recipient(tx)
         if refusal is not None:
+            server.reject_logged = True
             SMTPD.info("NOQUEUE: reject: RCPT from %s: %s; to=<%s>", client_name(session),
                        refusal, _printable(mailbox or ""))
             return str(refusal)
@@ -315,14 +377,21 @@ class EdgeHandler:
                    data.queue_id, _printable(data.recipient), data.scope, client_name(session))
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        try:
+            return await self._data(server, session, envelope)
+        finally:
+            server.release_reservation()
+
+    async def _data(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         policy = server.policy
         content: bytes = envelope.original_content or b""
         client = client_name(session)
-        if has_bare_newline(content):
+        bad = content_refusal(content)
+        if bad is not None:
             # SMTP smuggling and signing both break on bare CR/LF: refuse the whole message.
-            SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client,
-                       replies.R550_BARE_NEWLINE)
-            return str(replies.R550_BARE_NEWLINE)
+            server.reject_logged = True
+            SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client, bad)
+            return str(bad)
         now = time.time()
         app = server.client.app
         default_stream = app.stream if app else policy.cfg.server.default_stream
@@ -351,6 +420,7 @@ class EdgeHandler:
             except DkimMessageError as exc:
                 refusal = replies.R550_CANNOT_SIGN.format(why=exc.why)
         if refusal is not None:
+            server.reject_logged = True
             SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client, refusal)
             return str(refusal)
         assert headers.message is not None
@@ -431,9 +501,13 @@ def _subject(message: bytes) -> str | None:
     return str(value) if value is not None else None
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _printable(text: str) -> str:
-    return text.encode("ascii", "backslashreplace").decode("ascii").replace("\r", "\\r") \
-        .replace("\n", "\\n")
+    """For log lines: UTF-8 kept, control characters and undecodable bytes escaped."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class Edge:
@@ -452,6 +526,7 @@ class Edge:
         self.handler = EdgeHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False
+        self.data_inflight = 0
         self.tls_context: ssl.SSLContext | None = None
         self._servers: list[asyncio.base_events.Server] = []
 
@@ -490,7 +565,9 @@ class Edge:
         for host, port, implicit in listeners:
             server = await loop.create_server(
                 functools.partial(self._protocol, implicit), host, port,
-                ssl=self.tls_context if implicit else None)
+                ssl=self.tls_context if implicit else None,
+                # a burst of connects up to max_sessions waits in the kernel, not dropped
+                backlog=max(100, min(s.max_sessions, 4096)))
             self._servers.append(server)
             sockname = server.sockets[0].getsockname()
             bound.append((sockname[0], sockname[1]))

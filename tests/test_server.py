@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -258,3 +259,71 @@ async def test_duplicate_recipients_are_delivered_once(downstream: Downstream,
     assert downstream.messages[0].rcpt_tos == ["r@example.net"]
     assert len(await wait_events(relay, 1)) == 1
     await wire.close()
+
+
+async def test_help_lists_the_commands(downstream: Downstream, start_relay) -> None:
+    relay = await start_relay(downstream.port)
+    wire = await open_wire(relay)
+    reply = await wire.cmd("HELP")
+    assert reply.code == 250 and {"MAIL", "RCPT", "DATA", "EHLO"} <= set(reply.text.split())
+    assert (await wire.cmd("HELP MAIL")).code == 250
+    await wire.close()
+
+
+async def test_nul_octet_in_data_is_refused(downstream: Downstream, start_relay) -> None:
+    relay = await start_relay(downstream.port)
+    wire = await open_wire(relay)
+    await wire.cmd("MAIL FROM:<a@example.com>")
+    await wire.cmd("RCPT TO:<r@example.net>")
+    await wire.cmd("DATA")
+    await wire.send(b"From: a@example.com\r\nSubject: x\r\n\r\nnul\x00here\r\n.\r\n")
+    reply = await wire.reply()
+    assert (reply.code, reply.enhanced) == (550, "5.6.0")
+    await wire.close()
+    assert await relay.store.list() == []
+
+
+async def test_idle_client_gets_421_then_close(downstream: Downstream, start_relay) -> None:
+    relay = await start_relay(downstream.port, server={"command_timeout": "500ms"})
+    wire = await open_wire(relay)
+    reply = await wire.reply(timeout=5)
+    assert (reply.code, reply.enhanced) == (421, "4.4.2")
+    assert await wire.closed()
+
+
+async def test_data_has_its_own_longer_timeout(downstream: Downstream, start_relay) -> None:
+    """A client that keeps sending data for longer than command_timeout is not cut off
+    while within data_timeout (RFC 5321 4.5.3.2.6)."""
+    relay = await start_relay(downstream.port, server={"command_timeout": "500ms",
+                                                       "data_timeout": "10s"})
+    wire = await open_wire(relay)
+    await wire.cmd("MAIL FROM:<a@example.com>")
+    await wire.cmd("RCPT TO:<r@example.net>")
+    assert (await wire.cmd("DATA")).code == 354
+    await wire.send(b"From: a@example.com\r\nSubject: slow\r\n\r\n")
+    for _ in range(4):
+        await asyncio.sleep(0.3)
+        await wire.send(b"a line\r\n")
+    await wire.send(b".\r\n")
+    assert (await wire.reply()).code == 250
+    await wire.close()
+
+
+async def test_data_memory_budget_pushes_back_with_452(downstream: Downstream,
+                                                        start_relay) -> None:
+    relay = await start_relay(downstream.port, server={"max_message_size": "1MiB",
+                                                       "max_data_memory": "2MiB"})
+    wires = [await open_wire(relay) for _ in range(3)]
+    got = []
+    for w in wires:
+        await w.cmd("MAIL FROM:<a@example.com>")
+        await w.cmd("RCPT TO:<r@example.net>")
+        got.append(await w.cmd("DATA"))
+    assert [r.code for r in got] == [354, 354, 452]
+    assert got[2].enhanced == "4.3.1"
+    for w in wires[:2]:
+        await w.send(BODY)
+        assert (await w.reply()).code == 250
+    assert (await wires[2].cmd("DATA")).code == 354   # room again
+    for w in wires:
+        await w.close()

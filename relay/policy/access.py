@@ -42,6 +42,10 @@ class Accounts:
         # Passwords from the environment are read once, at load (and on reload).
         self._secrets = {app.name: env[app.password_env].encode("utf-8")
                          for app in apps if app.password_env and app.password_env in env}
+        # PBKDF2 costs ~80 ms on the event loop; remember passwords that verified, as keyed
+        # digests under a per-process key (never the passwords themselves).
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: OrderedDict[tuple[str, bytes], None] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self.apps)
@@ -57,7 +61,16 @@ class Accounts:
             hmac.compare_digest(password, b"\0" * 16)  # spend comparable time
             return None
         if app.password_hash:
-            return app if verify_hash(password, app.password_hash) else None
+            key = (name, hmac.digest(self._cache_key, password, "sha256"))
+            if key in self._verified:
+                self._verified.move_to_end(key)
+                return app
+            if not verify_hash(password, app.password_hash):
+                return None
+            self._verified[key] = None
+            while len(self._verified) > 1024:
+                self._verified.popitem(last=False)
+            return app
         secret = self._secrets.get(name)
         return app if secret is not None and hmac.compare_digest(password, secret) else None
 

@@ -8,6 +8,7 @@ raises is answered 451 4.3.0 by the edge's handle_exception: a policy fault neve
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ class Policy:
         self.lockout = lockout or AuthLockout(cfg.server.auth_max_failures,
                                               cfg.server.auth_lockout)
         self.client_messages = KeyedLimits(cfg.server.client_message_rate)
+        self._pending: Counter[tuple[str, str]] = Counter()
         self.client_recipients = KeyedLimits(cfg.server.client_recipient_rate)
         self.app_messages = {a.name: KeyedLimits(a.rate) for a in cfg.apps}
         self.app_recipients = {a.name: KeyedLimits(a.recipient_rate) for a in cfg.apps}
@@ -100,10 +102,14 @@ class Policy:
         return replies.R553_SENDER_NOT_OWNED.format(app=app.name)
 
     def check_message_rate(self, tx: Transaction) -> str | None:
+        # Transactions in flight count too, so parallel sessions cannot all slip through
+        # before the first one commits (a reservation, released by `release`).
         app = tx.client.app
-        if app is not None and not self.app_messages[app.name].has_capacity(app.name):
+        if app is not None and not self.app_messages[app.name].has_capacity(
+                app.name, 1 + self._pending[("app", app.name)]):
             return replies.R451_RATE_APP.format(app=app.name, limit=describe(app.rate))
-        if not self.client_messages.has_capacity(tx.client.ip):
+        if not self.client_messages.has_capacity(tx.client.ip,
+                                                 1 + self._pending[("ip", tx.client.ip)]):
             return replies.R451_RATE_CLIENT.format(
                 limit=describe(self.cfg.server.client_message_rate))
         return None
@@ -119,6 +125,21 @@ class Policy:
                 limit=describe(self.cfg.server.client_recipient_rate))
         return None
 
+    def reserve(self, tx: Transaction) -> list[tuple[str, str]]:
+        """Hold a place for this transaction's message until it commits or is abandoned."""
+        keys = [("ip", tx.client.ip)]
+        if tx.client.app is not None:
+            keys.append(("app", tx.client.app.name))
+        for key in keys:
+            self._pending[key] += 1
+        return keys
+
+    def release(self, keys: list[tuple[str, str]]) -> None:
+        for key in keys:
+            self._pending[key] -= 1
+            if self._pending[key] <= 0:
+                del self._pending[key]
+
     async def take_message(self, tx: Transaction) -> None:
         """Count an accepted message (only accepted ones: case 17)."""
         app = tx.client.app
@@ -132,6 +153,8 @@ class Policy:
         app = tx.client.app
         if app is None or not app.from_domains:
             return None
+        if not tx.from_addresses:   # fail closed: a From we cannot read is not allowed
+            return replies.R550_FROM_NOT_OWNED.format(domain="(unreadable)", app=app.name)
         for address in tx.from_addresses:
             domain = domain_of(address)
             if domain not in app.from_domains:

@@ -141,15 +141,26 @@ def _remove_matcher(rules: HeaderRules) -> tuple[frozenset[str], tuple[str, ...]
     return frozenset(exact), prefixes
 
 
+_ADDRESS_LIKE = re.compile(r"[^\s<>,;:\"()\[\]\\@\x00-\x1f\x7f]+@[^\s<>,;:\"()\[\]\\@\x00-\x1f\x7f]+")
+
+
 def _from_addresses(value: str) -> list[str]:
-    """The addr-specs of a From value (RFC 5322 3.6.2: a mailbox-list), domain as written."""
+    """The addr-specs of a From value (RFC 5322 3.6.2: a mailbox-list), domain as written.
+
+    The stdlib parser is lenient and guesses on malformed input (it reads the display name
+    of `a@example.com <ceo@evil.example>` as the address), so every address-looking token
+    of the value is added too: a sender rule that checks all of them fails closed."""
+    found: list[str] = []
     try:
         header = _default_policy.header_factory("from", value)
-        addresses = header.addresses
+        # The parser's best guess for garbage ("<>", a bare word) is not a mailbox.
+        found = [addr.addr_spec for addr in header.addresses if addr.username and addr.domain]
     except Exception:  # noqa: BLE001 - the stdlib parser has crashed on hostile input before
-        return []
-    # The parser returns its best guess for garbage ("<>", a bare word): keep real mailboxes.
-    return [addr.addr_spec for addr in addresses if addr.username and addr.domain]
+        found = []
+    for token in _ADDRESS_LIKE.findall(value):
+        if token not in found:
+            found.append(token)
+    return found
 
 
 def _message_id(value: str) -> str:

@@ -259,6 +259,8 @@ class Scheduler:
         if notice is not None:
             BOUNCE.info("%s: sender non-delivery notification: %s", job.queue_id,
                         notice.queue_id)
+            QMGR.info("%s: from=<>, size=%d, nrcpt=1 (queue active)", notice.queue_id,
+                      len(notice.body))
             self.wake()
         if removed:
             QMGR.info("%s: removed", job.queue_id)

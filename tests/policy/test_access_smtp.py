@@ -148,6 +148,12 @@ async def test_implicit_tls_listener_offers_auth_at_once(relay: Relay, tls,
     ("news@example.com", b"To: r@example.net\r\nSubject: s\r\n\r\nb\r\n", 550, "5.6.0"),
     ("news@example.com", message(extra="From: other@example.com\r\n"), 550, "5.6.0"),
     ("news@example.com", message(extra="X-Relay-Stream: bulk\r\n"), 550, "5.6.0"),
+    # From spoofing that a lenient parser lets through: all fail closed
+    ("news@example.com", message("news@example.com <ceo@evil.example>"), 550, "5.7.1"),
+    ("news@example.com", message('"news@example.com" <ceo@evil.example>'), 550, "5.7.1"),
+    ("news@example.com", message("ceo@evil.example."), 550, "5.7.1"),
+    ("news@example.com", message("undisclosed"), 550, "5.7.1"),
+    ("news@example.com", message("news@example.com, ceo@evil.example"), 550, "5.7.1"),
 ])
 async def test_sender_rules(relay: Relay, tls, sender, body, code, enhanced) -> None:
     c = await client(relay, tls[2])
@@ -301,3 +307,32 @@ async def test_many_sessions_beyond_max_get_421(downstream: Downstream, start_re
     writer.close()
     for w in wires:
         await w.close()
+
+
+async def test_app_rate_holds_against_parallel_sessions(relay: Relay, tls) -> None:
+    """Transactions in flight count against the rate: 6 sessions racing MAIL before any
+    DATA get at most the 2 messages per minute the app is allowed."""
+    relay.edge.policy.dkim_domains = frozenset({"billing.example.com"})
+    clients = [await client(relay, tls[2], user="billing") for _ in range(6)]
+    codes = [(await c.execute_command(b"MAIL", b"FROM:<a@billing.example.com>")).code
+             for c in clients]
+    assert codes.count(250) == 2 and codes.count(451) == 4
+    accepted = [c for c, code in zip(clients, codes, strict=True) if code == 250]
+    for c in accepted:
+        await c.rcpt("r@example.net")
+        await c.data(message("a@billing.example.com"))
+    # after they committed, the bucket is still full: a new session is refused too
+    late = await client(relay, tls[2], user="billing")
+    assert (await late.execute_command(b"MAIL", b"FROM:<a@billing.example.com>")).code == 451
+    for c in [*clients, late]:
+        c.close()
+
+
+async def test_only_real_sasl_mechanisms_are_offered(relay: Relay, tls) -> None:
+    port = relay.smtp_addresses[1][1]
+    async with aiosmtplib.SMTP(hostname="localhost", port=port, use_tls=True,
+                               tls_context=tls[2]) as c:
+        await c.ehlo()
+        assert set(c.esmtp_extensions["auth"].split()) == {"PLAIN", "LOGIN"}
+        resp = await c.execute_command(b"AUTH", b"OFFERED")
+        assert (resp.code, resp.message[:5]) == (504, "5.5.4")
