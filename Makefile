@@ -16,7 +16,8 @@ install: $(BIN)/.installed
 
 run: install
 	@mkdir -p var
-	@$(BIN)/relay demo-sink --listen 127.0.0.1:2526 --dir var/demo-mail & sink=$$!; \
+	@export RELAY_UNSUBSCRIBE_SECRET="$${RELAY_UNSUBSCRIBE_SECRET:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(32))')}"; \
+	$(BIN)/relay demo-sink --listen 127.0.0.1:2526 --dir var/demo-mail & sink=$$!; \
 	trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
 	echo "relay: SMTP on 127.0.0.1:2525 -> demo downstream on 127.0.0.1:2526 (saves to var/demo-mail/)"; \
 	echo "relay: try: swaks --server 127.0.0.1:2525 --from app@example.com --to you@example.net"; \
