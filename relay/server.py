@@ -190,21 +190,29 @@ class RelaySMTP(AioSMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         server_cfg = self.policy.cfg.server
+        need = self._data_estimate(server_cfg.max_message_size)
         if self.envelope is not None and self.envelope.rcpt_tos and not arg and (
-                (self._edge.data_inflight + 1) * server_cfg.max_message_size
-                > server_cfg.max_data_memory):
-            # Bound memory (STYLE rule 5): every DATA in flight may hold a whole message.
+                self._edge.data_bytes + need > server_cfg.max_data_memory):
+            # Bound memory (STYLE rule 5): every DATA in flight holds its message; a client
+            # that declared SIZE reserves that, others a share (see _data_estimate).
             await self.push(str(replies.R452_BUSY))
             return
         self.in_data = True
-        self._edge.data_inflight += 1
+        self._edge.data_bytes += need
         # RFC 5321 4.5.3.2.6: the whole DATA transfer gets its own, longer, time limit.
         self._reset_timeout(server_cfg.data_timeout)
         try:
             await super().smtp_DATA(arg)
         finally:
             self.in_data = False
-            self._edge.data_inflight -= 1
+            self._edge.data_bytes -= need
+
+    def _data_estimate(self, limit: int) -> int:
+        """What a DATA in flight is counted as: the declared SIZE (RFC 1870), else 1 MiB."""
+        for option in (self.envelope.mail_options if self.envelope else []):
+            if option.startswith("SIZE=") and option[5:].isdigit():
+                return min(int(option[5:]), limit)
+        return min(limit, 1024 * 1024)
 
     def _timeout_cb(self) -> None:
         # RFC 5321 4.5.3.2: say why before closing (421 4.4.2), and log it.
@@ -526,7 +534,7 @@ class Edge:
         self.handler = EdgeHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False
-        self.data_inflight = 0
+        self.data_bytes = 0        # DATA bytes reserved by sessions in DATA
         self.tls_context: ssl.SSLContext | None = None
         self._servers: list[asyncio.base_events.Server] = []
 

@@ -311,12 +311,12 @@ async def test_data_has_its_own_longer_timeout(downstream: Downstream, start_rel
 
 async def test_data_memory_budget_pushes_back_with_452(downstream: Downstream,
                                                         start_relay) -> None:
-    relay = await start_relay(downstream.port, server={"max_message_size": "1MiB",
-                                                       "max_data_memory": "2MiB"})
+    relay = await start_relay(downstream.port, server={"max_message_size": "4MiB",
+                                                       "max_data_memory": "4MiB"})
     wires = [await open_wire(relay) for _ in range(3)]
     got = []
-    for w in wires:
-        await w.cmd("MAIL FROM:<a@example.com>")
+    for w, size in zip(wires, ["SIZE=1500000", "", "SIZE=2000000"], strict=True):
+        await w.cmd(f"MAIL FROM:<a@example.com> {size}")
         await w.cmd("RCPT TO:<r@example.net>")
         got.append(await w.cmd("DATA"))
     assert [r.code for r in got] == [354, 354, 452]
