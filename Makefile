@@ -24,6 +24,10 @@ run: install
 	$(BIN)/relay serve --config relay.toml
 
 test: install
+	@# mailauth, the DKIM verifier that knows ed25519-sha256 (tests/js/verify.mjs)
+	@if command -v npm >/dev/null 2>&1 && { [ ! -f tests/js/node_modules/.package-lock.json ] || \
+	    [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; }; then \
+	    echo "npm ci (tests/js)"; cd tests/js && npm ci --silent --no-audit --no-fund; fi
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/python -m pytest -q
 
