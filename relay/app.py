@@ -32,6 +32,7 @@ from relay.server import Edge
 from relay.suppression import SuppressionStore
 from relay.suppression.store import SQLiteSuppressionStore
 from relay.web import HttpListener, make_app
+from relay.webhook import WebhookSender, webhook_endpoints
 
 
 def make_tokens(cfg: Config, environ: Mapping[str, str] | None = None) -> Tokens | None:
@@ -78,6 +79,7 @@ class Relay:
             suppressions=self.suppressions)
         self.edge = Edge(cfg, self.store, self.scheduler.wake, suppressions=self.suppressions,
                          tokens=self.tokens, signer=self.renderer.signer)
+        self.webhooks = WebhookSender(self.store, webhook_endpoints(cfg))
         self.http: HttpListener | None = None
         if cfg.http.listen is not None and self.tokens is not None:
             app = make_app(tokens=self.tokens, store=self.suppressions,
@@ -95,6 +97,7 @@ class Relay:
             MASTER.info("queue: %d recipient(s) of interrupted deliveries returned to the queue",
                         recovered)
         self.scheduler.start()
+        self.webhooks.start()
         self.smtp_addresses = await self.edge.start()
         if self.http is not None:
             self.http_address = await self.http.start()
@@ -110,6 +113,7 @@ class Relay:
         if self.http is not None:
             await self.http.stop()
         await self.scheduler.stop(deadline)
+        await self.webhooks.stop(min(deadline, 5.0))
         await self.deliverer.close()
         await self.store.close()
         self.suppressions.close()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -353,6 +354,58 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(cfg, outbound_ips=args.ip or None)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    """`relay stats`: per app and campaign, outcomes and rates from the event log, with a
+    WARNING line for each row over the bounce or complaint threshold. Read-only: safe while
+    the relay runs."""
+    from relay.config import parse_duration
+    from relay.events import (
+        DEFINITIONS,
+        format_table,
+        read_stats,
+        since_text,
+        with_app_totals,
+    )
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
+    since: float | None = None
+    if args.since != "all":
+        try:
+            since = time.time() - parse_duration(args.since)
+        except (TypeError, ValueError) as exc:
+            print(f"relay: --since: {exc} (or \"all\")", file=sys.stderr)
+            return 2
+    if not cfg.queue.path.exists():
+        print(f"relay: no queue at {cfg.queue.path}", file=sys.stderr)
+        return 1
+    try:
+        rows = with_app_totals(read_stats(cfg.queue.path, since=since, app=args.app))
+    except sqlite3.Error as exc:
+        print(f"relay: cannot read {cfg.queue.path}: {exc}", file=sys.stderr)
+        return 1
+    warnings = [w for r in rows for w in r.warnings()]
+    if args.json:
+        print(json.dumps({"since": since, "app": args.app, "definitions": list(DEFINITIONS),
+                          "rows": [r.to_json() for r in rows]}, indent=2))
+        return 0
+    print(f"-- {since_text(since)}" + (f", app {args.app or '-'}" if args.app is not None
+                                       else ""))
+    if rows:
+        print(format_table(rows))
+    else:
+        print("no events")
+    for line in DEFINITIONS:
+        print(f"-- {line}")
+    for line in warnings:
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description="SMTP relay for application mail")
     p.add_argument("--version", action="version", version=f"relay {__version__}")
@@ -431,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "[outbound].source_addresses, else the address that reaches the "
                           "smarthost)")
     doc.set_defaults(func=cmd_doctor)
+
+    st = with_config(sub.add_parser(
+        "stats", help="sent, delivered, bounce, complaint and unsubscribe rates per app",
+        description="Per app and campaign, from the event log of the queue database. Warns "
+                    "(a line starting with WARNING) when a bounce rate is over 2 % or a "
+                    "complaint rate over 0.3 %."))
+    st.add_argument("--since", default="7d",
+                    help="only events this recent, e.g. 24h, 30d, or \"all\" (default 7d)")
+    st.add_argument("--app", help="only this app (\"\" for mail from mynetworks clients)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_stats)
 
     d = sub.add_parser("demo-sink", help="a local SMTP server that saves what it receives")
     d.add_argument("--listen", default="127.0.0.1:2526")

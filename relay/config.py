@@ -232,6 +232,8 @@ class AppConfig:
     require_dkim: bool = False
     dkim_fallback_domain: str | None = None   # sign with this domain's key when the From
                                               # domain has none
+    webhook_url: str | None = None            # events of this app are POSTed here as JSON
+    webhook_secret_env: str | None = None     # HMAC-SHA256 key of X-Relay-Signature
 
 
 @dataclass(frozen=True)
@@ -334,6 +336,13 @@ def _env_name(value: object) -> str:
     s = _str(value)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s):
         raise ValueError(f"{s!r} is not an environment variable name")
+    return s
+
+
+def _url(value: object) -> str:
+    s = _str(value)
+    if not re.match(r"^https?://[^\s/]+(/\S*)?$", s):
+        raise ValueError(f"{s!r} is not an http(s) URL")
     return s
 
 
@@ -617,6 +626,8 @@ class _Loader:
         for i, item in enumerate(raw):
             s = _Section(self, f"app[{i}]", item)
             name = s.required("name", _nonempty_str)
+            # Pairing is judged on what the file says, so a bad value is reported once.
+            has_url, has_secret = "webhook_url" in s.table, "webhook_secret_env" in s.table
             app = AppConfig(
                 name=name or "",
                 password_env=s.get("password_env", None, _env_name),
@@ -628,6 +639,8 @@ class _Loader:
                 recipient_rate=s.get("recipient_rate", None, parse_rate),
                 require_dkim=s.get("require_dkim", False, _bool),
                 dkim_fallback_domain=s.get("dkim_fallback_domain", None, _domain),
+                webhook_url=s.get("webhook_url", None, _url),
+                webhook_secret_env=s.get("webhook_secret_env", None, _env_name),
             )
             s.done()
             if (app.password_env is None) == (app.password_hash is None):
@@ -636,6 +649,14 @@ class _Loader:
             elif app.password_env is not None and app.password_env not in os.environ:
                 self.problem(f"app[{i}].password_env",
                              f"environment variable {app.password_env} is not set")
+            if has_url != has_secret:
+                self.problem(f"app[{i}].webhook_secret_env" if has_url
+                             else f"app[{i}].webhook_url",
+                             "webhook_url and webhook_secret_env go together")
+            elif app.webhook_secret_env is not None and not os.environ.get(
+                    app.webhook_secret_env):
+                self.problem(f"app[{i}].webhook_secret_env",
+                             f"environment variable {app.webhook_secret_env} is not set")
             if name in names:
                 self.problem(f"app[{i}].name", f"duplicate app name {name!r}")
             names.add(app.name)

@@ -140,6 +140,9 @@ def _spf_dns(res: dns.resolver.Resolver) -> Iterator[None]:
             spf.DNSLookup = saved
 
 
+spf_dns = _spf_dns  # public name for other modules (relay/suppression/trust.py)
+
+
 def detect_outbound_ips(cfg: Config) -> list[str]:
     """The local address the kernel would use to reach the smarthost (or, in MX mode, the
     Internet). A UDP connect() sends nothing; it only picks a route."""
@@ -388,4 +391,4 @@ def run_doctor(cfg: Config, *, outbound_ips: list[str] | None = None,
 
 
 __all__ = ["FAIL", "PASS", "WARN", "Doctor", "Finding", "detect_outbound_ips",
-           "make_resolver", "run_doctor", "sending_domains"]
+           "make_resolver", "run_doctor", "sending_domains", "spf_dns"]

@@ -177,7 +177,9 @@ class SmarthostDeliverer:
                 reusable = True
             except aiosmtplib.SMTPDataError as exc:
                 reply = parse_reply(exc.code, exc.message)
-                reusable = exc.code != 421 and smtp.is_connected
+                # A refused DATA command leaves the transaction open on the server: RSET
+                # before the connection carries another (else "503 nested MAIL").
+                reusable = await _reset(smtp, exc.code)
             results.extend(RcptResult(r, reply, self.relay_name) for r in accepted)
             return results, reusable
         except _Stale:

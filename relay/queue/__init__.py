@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
+
+from relay.events import Event, Outcome
 
 
 class State(StrEnum):
@@ -128,13 +131,15 @@ class QueueStore(Protocol):
         """When the earliest queued recipient becomes due, or None if there is none."""
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
-                     events: list[tuple[str, str, str]] | None = None,
-                     notify: NewMessage | None = None) -> bool:
+                     events: Sequence[Outcome | tuple[str, str, str]] | None = None,
+                     notify: NewMessage | None = None, *, app: str | None = None,
+                     campaign: str | None = None) -> bool:
         """Write outcomes of an attempt; drop the message once every recipient is terminal.
 
-        `events` are (recipient, event, reply) rows for the event log; `notify` a new
-        message (a bounce notice) committed in the same transaction. Return True when the
-        message was removed."""
+        `events` are `Outcome` rows (recipient, event, reply, category; a 3-tuple has
+        category "") for the event log, stored with the job's `app` and `campaign`; `notify`
+        a new message (a bounce notice) committed in the same transaction. Return True when
+        the message was removed."""
 
     async def list(self) -> list[QueueEntry]:
         """Every message that still has a non-terminal recipient."""
@@ -149,3 +154,23 @@ class QueueStore(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Recipients per non-terminal state."""
+
+    async def events(self, queue_id: str | None = None,
+                     ) -> list[tuple[str, str, str, str | None]]:
+        """(queue_id, recipient, event, reply) of every event (of one message), oldest
+        first: the short form tests and the CLI read. `event_rows` gives whole rows."""
+
+    # The event log (relay.events.EventStore): see there for the meaning of each.
+
+    async def record_events(self, rows: Sequence[Event]) -> list[int]:
+        """Append events that do not come from a delivery attempt; return their ids."""
+
+    async def event_rows(self, since_id: int = 0, limit: int = 1000,
+                         app: str | None = None) -> list[Event]:
+        """Whole event rows with id > `since_id`, oldest first (of `app` if given)."""
+
+    async def webhook_cursor(self, app: str) -> int:
+        """The id of the last event delivered to `app`'s webhook (0 if none)."""
+
+    async def set_webhook_cursor(self, app: str, last_id: int) -> None:
+        """Durably remember that events up to `last_id` reached `app`'s webhook."""

@@ -7,9 +7,13 @@ durability is the only thing it does not have.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from relay.events import DELIVERY_EVENTS, Event, Outcome
 from relay.queue import Job, NewMessage, QueueEntry, Recipient, Settlement, State
 
 
@@ -23,7 +27,19 @@ class MemoryQueueStore:
     def __init__(self) -> None:
         self._messages: dict[str, _Stored] = {}
         self._ids = itertools.count(1)
-        self.event_log: list[tuple[str, str, str, str]] = []
+        self._event_ids = itertools.count(1)
+        self._events: list[Event] = []
+        self._cursors: dict[str, int] = {}
+
+    @property
+    def event_log(self) -> list[tuple[str, str, str, str]]:
+        """(queue_id, recipient, event, reply) of every event, oldest first."""
+        return [(e.queue_id, e.recipient, e.event, e.reply) for e in self._events]
+
+    def _log(self, row: Event) -> int:
+        stored = dataclasses.replace(row, id=next(self._event_ids))
+        self._events.append(stored)
+        return stored.id
 
     async def open(self) -> None:
         return None
@@ -72,13 +88,17 @@ class MemoryQueueStore:
         return min(times) if times else None
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
-                     events: list[tuple[str, str, str]] | None = None,
-                     notify: NewMessage | None = None) -> bool:
+                     events: Sequence[Outcome | tuple[str, str, str]] | None = None,
+                     notify: NewMessage | None = None, *, app: str | None = None,
+                     campaign: str | None = None) -> bool:
         if notify is not None:
             await self.enqueue(notify)
         stored = self._messages.get(queue_id)
-        for rcpt, event, reply in events or []:
-            self.event_log.append((queue_id, rcpt, event, reply))
+        now = time.time()
+        for o in (Outcome(*e) for e in events or ()):
+            self._log(Event(ts=now, queue_id=queue_id, recipient=o.recipient, event=o.event,
+                            category=str(o.category), reply=o.reply, campaign=campaign or "",
+                            app=app or ""))
         if stored is None:  # deleted by an admin while the delivery was in flight
             return True
         by_id = {r.id: r for r in stored.recipients}
@@ -116,10 +136,14 @@ class MemoryQueueStore:
         stored = self._messages.get(queue_id)
         if stored is None:
             return False
+        now = time.time()
         for r in stored.recipients:
             if not r.state.terminal:
                 r.state = State.DELETED
-                self.event_log.append((queue_id, r.address, "deleted", "deleted by admin"))
+                self._log(Event(ts=now, queue_id=queue_id, recipient=r.address,
+                                event="deleted", reply="deleted by admin",
+                                campaign=stored.msg.meta.get("campaign") or "",
+                                app=stored.msg.app or ""))
         self._drop_if_done(queue_id)
         return True
 
@@ -142,3 +166,38 @@ class MemoryQueueStore:
 
     async def events(self, queue_id: str | None = None) -> list[tuple[str, str, str, str]]:
         return [e for e in self.event_log if queue_id is None or e[0] == queue_id]
+
+    # -- the event log (relay.events.EventStore) --
+
+    async def record_events(self, rows: Sequence[Event]) -> list[int]:
+        ids = []
+        for row in rows:
+            app, campaign = row.app, row.campaign
+            if row.queue_id and not (app and campaign):
+                app, campaign = self._context(row, app, campaign)
+            ids.append(self._log(dataclasses.replace(
+                row, event=str(row.event), category=str(row.category), app=app,
+                campaign=campaign)))
+        return ids
+
+    def _context(self, row: Event, app: str, campaign: str) -> tuple[str, str]:
+        found: tuple[str, str] | None = None
+        if (stored := self._messages.get(row.queue_id)) is not None:
+            found = (stored.msg.app or "", stored.msg.meta.get("campaign") or "")
+        else:
+            found = next(((e.app, e.campaign) for e in self._events
+                          if e.queue_id == row.queue_id and e.event in DELIVERY_EVENTS), None)
+        if found is None:
+            return app, campaign
+        return app or found[0], campaign or found[1]
+
+    async def event_rows(self, since_id: int = 0, limit: int = 1000,
+                         app: str | None = None) -> list[Event]:
+        return [e for e in self._events
+                if e.id > since_id and (app is None or e.app == app)][:limit]
+
+    async def webhook_cursor(self, app: str) -> int:
+        return self._cursors.get(app, 0)
+
+    async def set_webhook_cursor(self, app: str, last_id: int) -> None:
+        self._cursors[app] = last_id

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from relay import replies
 from relay.address import canonical, domain_of
+from relay.events import Outcome
 from relay.log import BOUNCE, QMGR, SMTP
 from relay.outbound import Deliverer, RcptResult
 from relay.outbound.classify import Action, SmtpReply, classify, from_catalogue
@@ -181,7 +182,8 @@ class Scheduler:
                 job.queue_id,
                 [Settlement(r.id, State.SUPPRESSED, now, f"suppressed: {s.reason}")
                  for r, s in hits],
-                [(r.address, "suppressed", f"{s.reason} ({s.scope})") for r, s in hits])
+                [Outcome(r.address, "suppressed", f"{s.reason} ({s.scope})") for r, s in hits],
+                app=job.app, campaign=job.meta.get("campaign"))
         except Exception:  # noqa: BLE001 - the lease stays; recover() at start retries
             QMGR.exception("%s: cannot record suppressed recipients", job.queue_id)
             return dataclasses.replace(job, recipients=[])
@@ -208,7 +210,7 @@ class Scheduler:
     async def _settle(self, job: Job, results: list[RcptResult]) -> None:
         now = self.clock()
         settlements: list[Settlement] = []
-        events: list[tuple[str, str, str]] = []
+        events: list[Outcome] = []
         lines: list[tuple[int, str]] = []
         failed: list[FailedRecipient] = []
         to_suppress: list[tuple[str, SmtpReply]] = []
@@ -220,11 +222,13 @@ class Scheduler:
                     f"delay={delay:.2f}, dsn={reply.enhanced or _dsn(reply.code)}")
             if verdict.action is Action.DELIVERED:
                 settlements.append(Settlement(rcpt.id, State.DELIVERED, now, str(reply)))
-                events.append((rcpt.address, "delivered", str(reply)))
+                events.append(Outcome(rcpt.address, "delivered", str(reply),
+                                      str(verdict.category)))
                 lines.append((logging.INFO, f"{head}, status=sent ({reply})"))
             elif verdict.action is Action.BOUNCE:
                 settlements.append(Settlement(rcpt.id, State.BOUNCED, now, str(reply)))
-                events.append((rcpt.address, "bounced", str(reply)))
+                events.append(Outcome(rcpt.address, "bounced", str(reply),
+                                      str(verdict.category)))
                 lines.append((logging.INFO, f"{head}, status=bounced ({reply})"))
                 failed.append(_failed(rcpt.address, reply, res.relay, now, "5.0.0"))
                 if verdict.suppress:
@@ -234,7 +238,8 @@ class Scheduler:
                                      last=str(reply))
                 settlements.append(Settlement(rcpt.id, State.EXPIRED, now, str(reply),
                                               res.counts))
-                events.append((rcpt.address, "expired", str(reply)))
+                events.append(Outcome(rcpt.address, "expired", str(reply),
+                                      str(verdict.category)))
                 lines.append((logging.INFO, f"{head}, status=expired ({why.text})"))
                 failed.append(_failed(rcpt.address, reply, res.relay, now, "4.4.7"))
             else:
@@ -243,11 +248,13 @@ class Scheduler:
                 nxt = now + (backoff(attempts, self.retry, self.rng) if res.counts else 1.0)
                 settlements.append(Settlement(rcpt.id, State.QUEUED, nxt, str(reply),
                                               res.counts))
-                events.append((rcpt.address, "deferred", str(reply)))
+                events.append(Outcome(rcpt.address, "deferred", str(reply),
+                                      str(verdict.category)))
                 lines.append((logging.INFO, f"{head}, status=deferred ({reply})"))
         notice = self._notice(job, failed, now) if failed else None
         try:
-            removed = await self.store.settle(job.queue_id, settlements, events, notice)
+            removed = await self.store.settle(job.queue_id, settlements, events, notice,
+                                              app=job.app, campaign=job.meta.get("campaign"))
         except Exception:  # noqa: BLE001 - the lease stays; see below
             # The lease stays; recover() at the next start retries these recipients.
             QMGR.exception("%s: cannot record delivery outcome", job.queue_id)

@@ -15,10 +15,11 @@ import queue as stdqueue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay.events import DELIVERY_EVENTS, Event, Outcome
 from relay.queue import (
     Job,
     NewMessage,
@@ -63,9 +64,25 @@ CREATE TABLE IF NOT EXISTS events (
     queue_id  TEXT NOT NULL,
     recipient TEXT NOT NULL,
     event     TEXT NOT NULL,
-    reply     TEXT
+    reply     TEXT,
+    category  TEXT NOT NULL DEFAULT '',
+    campaign  TEXT NOT NULL DEFAULT '',
+    app       TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_queue_id ON events(queue_id);
+CREATE TABLE IF NOT EXISTS webhook_cursor (
+    app     TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+"""
+
+# Columns added to `events` after its first release: a database made by an older relay gets
+# them (ALTER TABLE ADD COLUMN) before the indexes that use them are made.
+EVENT_COLUMNS = ("category", "campaign", "app")
+
+INDEXES = """
+CREATE INDEX IF NOT EXISTS events_stats ON events(app, campaign, event, category, ts);
+CREATE INDEX IF NOT EXISTS events_app ON events(app, id);
 """
 
 _STOP = object()
@@ -90,6 +107,8 @@ class _Writer(threading.Thread):
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(SCHEMA)
+            _migrate(conn)
+            conn.executescript(INDEXES)
         except BaseException as exc:  # noqa: BLE001 - reported to open()
             self.open_error = exc
             self.ready.set()
@@ -260,9 +279,11 @@ class SQLiteQueueStore:
         return await self._run(work)
 
     async def settle(self, queue_id: str, settlements: list[Settlement],
-                     events: list[tuple[str, str, str]] | None = None,
-                     notify: NewMessage | None = None) -> bool:
+                     events: Sequence[Outcome | tuple[str, str, str]] | None = None,
+                     notify: NewMessage | None = None, *, app: str | None = None,
+                     campaign: str | None = None) -> bool:
         now = time.time()
+        rows = [Outcome(*e) for e in events or ()]
 
         def work(conn: sqlite3.Connection) -> bool:
             conn.executemany(
@@ -270,10 +291,12 @@ class SQLiteQueueStore:
                 " attempts=attempts+?, updated_at=? WHERE id=?",
                 [(s.state.value, s.next_attempt, s.reply, 1 if s.counts else 0, now,
                   s.recipient_id) for s in settlements])
-            if events:
+            if rows:
                 conn.executemany(
-                    "INSERT INTO events (ts, queue_id, recipient, event, reply) VALUES (?,?,?,?,?)",
-                    [(now, queue_id, r, e, reply) for r, e, reply in events])
+                    "INSERT INTO events (ts, queue_id, recipient, event, reply, category,"
+                    " campaign, app) VALUES (?,?,?,?,?,?,?,?)",
+                    [(now, queue_id, o.recipient, o.event, o.reply, str(o.category),
+                      campaign or "", app or "") for o in rows])
             if notify is not None:   # the bounce notice commits with the bounce, or neither
                 _insert(conn, notify)
             return _drop_if_done(conn, queue_id)
@@ -313,15 +336,18 @@ class SQLiteQueueStore:
             rows = conn.execute(
                 "SELECT address FROM recipients WHERE queue_id=? AND state IN"
                 " ('queued','active')", (queue_id,)).fetchall()
-            exists = conn.execute("SELECT 1 FROM messages WHERE queue_id=?",
+            exists = conn.execute("SELECT app, meta FROM messages WHERE queue_id=?",
                                   (queue_id,)).fetchone()
             if not exists:
                 return False
+            app, campaign = exists[0] or "", json.loads(exists[1]).get("campaign") or ""
             conn.execute("UPDATE recipients SET state='deleted', updated_at=? WHERE queue_id=?"
                          " AND state IN ('queued','active')", (now, queue_id))
             conn.executemany(
-                "INSERT INTO events (ts, queue_id, recipient, event, reply) VALUES (?,?,?,?,?)",
-                [(now, queue_id, r[0], "deleted", "deleted by admin") for r in rows])
+                "INSERT INTO events (ts, queue_id, recipient, event, reply, campaign, app)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(now, queue_id, r[0], "deleted", "deleted by admin", campaign, app)
+                 for r in rows])
             _drop_if_done(conn, queue_id)
             return True
 
@@ -353,6 +379,98 @@ class SQLiteQueueStore:
                                 " WHERE queue_id=? ORDER BY id", (queue_id,)).fetchall()
 
         return await self._run(work)
+
+    # -- the event log (relay.events.EventStore) --
+
+    async def record_events(self, rows: Sequence[Event]) -> list[int]:
+        rows = list(rows)
+
+        def work(conn: sqlite3.Connection) -> list[int]:
+            ids = []
+            for row in rows:
+                app, campaign = row.app, row.campaign
+                if row.queue_id and not (app and campaign):
+                    app, campaign = _context(conn, row, app, campaign)
+                cur = conn.execute(
+                    "INSERT INTO events (ts, queue_id, recipient, event, reply, category,"
+                    " campaign, app) VALUES (?,?,?,?,?,?,?,?)",
+                    (row.ts, row.queue_id, row.recipient, str(row.event), row.reply,
+                     str(row.category), campaign, app))
+                ids.append(int(cur.lastrowid or 0))
+            return ids
+
+        return await self._run(work)
+
+    async def event_rows(self, since_id: int = 0, limit: int = 1000,
+                         app: str | None = None) -> list[Event]:
+        def work(conn: sqlite3.Connection) -> list[Event]:
+            cols = ("SELECT id, ts, queue_id, recipient, event, category, COALESCE(reply, ''),"
+                    " campaign, app FROM events WHERE id > ?")
+            if app is None:
+                cur = conn.execute(cols + " ORDER BY id LIMIT ?", (since_id, limit))
+            else:
+                cur = conn.execute(cols + " AND app = ? ORDER BY id LIMIT ?",
+                                   (since_id, app, limit))
+            return [Event(id=i, ts=ts, queue_id=q, recipient=r, event=e, category=c, reply=rp,
+                          campaign=cp, app=a) for i, ts, q, r, e, c, rp, cp, a in cur]
+
+        return await self._run(work)
+
+    async def webhook_cursor(self, app: str) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT last_id FROM webhook_cursor WHERE app=?",
+                               (app,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(work)
+
+    async def set_webhook_cursor(self, app: str, last_id: int) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO webhook_cursor (app, last_id) VALUES (?, ?)"
+                         " ON CONFLICT(app) DO UPDATE SET last_id=excluded.last_id",
+                         (app, last_id))
+
+        await self._run(work)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database of an older schema up to this one. In one write transaction, so
+    that two processes opening the same old file (the relay and a `relay queue` command)
+    do not both add a column."""
+
+    def missing() -> list[str]:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+        return [name for name in EVENT_COLUMNS if name not in have]
+
+    if not missing():            # the usual case: no write lock taken at every open
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name in missing():
+            conn.execute(f"ALTER TABLE events ADD COLUMN {name} TEXT NOT NULL DEFAULT ''")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _context(conn: sqlite3.Connection, row: Event, app: str, campaign: str,
+             ) -> tuple[str, str]:
+    """App and campaign of a report's message: from the message if it is still queued, else
+    from the events its delivery wrote (the store wrote those from the message itself, unlike
+    recorded ones). Only empty fields are filled."""
+    found = conn.execute("SELECT app, meta FROM messages WHERE queue_id=?",
+                         (row.queue_id,)).fetchone()
+    if found is not None:
+        found = (found[0] or "", json.loads(found[1]).get("campaign") or "")
+    else:
+        found = conn.execute(
+            "SELECT app, campaign FROM events WHERE queue_id=? AND event IN"
+            f" ({','.join('?' * len(DELIVERY_EVENTS))}) ORDER BY id LIMIT 1",
+            (row.queue_id, *DELIVERY_EVENTS)).fetchone()
+    if found is None:
+        return app, campaign
+    return app or found[0], campaign or found[1]
 
 
 def _insert(conn: sqlite3.Connection, msg: NewMessage) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from relay.events import Event, Outcome, record
 from relay.queue import NewMessage, QueueStore, Settlement, State
 from relay.queue.memory import MemoryQueueStore
 from relay.queue.sqlite import SQLiteQueueStore
@@ -286,6 +288,118 @@ async def test_delete(store: QueueStore) -> None:
     assert await store.counts() == {"active": 1}
 
 
+# --- the event log ---------------------------------------------------------------------------
+
+async def test_settle_events_carry_category_app_and_campaign(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"], app="shop",
+                                meta={"campaign": "spring"}))
+    (job,) = await store.claim(T0, 1)
+    a, b = job.recipients
+    await store.settle("Q1", [Settlement(a.id, State.DELIVERED, T0, "250 2.0.0 ok"),
+                              Settlement(b.id, State.BOUNCED, T0, "550 5.1.1 unknown")],
+                       [Outcome(a.address, "delivered", "250 2.0.0 ok", "delivered"),
+                        Outcome(b.address, "bounced", "550 5.1.1 unknown", "hard")],
+                       app=job.app, campaign=job.meta.get("campaign"))
+    rows = await store.event_rows()
+    assert [(e.queue_id, e.recipient, e.event, e.category, e.reply, e.campaign, e.app)
+            for e in rows] == [
+        ("Q1", "a@example.net", "delivered", "delivered", "250 2.0.0 ok", "spring", "shop"),
+        ("Q1", "b@example.net", "bounced", "hard", "550 5.1.1 unknown", "spring", "shop")]
+    assert rows[0].id < rows[1].id
+    assert all(abs(e.ts - time.time()) < 60 for e in rows)
+    # the short form that many tests read is unchanged
+    assert await events_of(store, "Q1") == [
+        ("Q1", "a@example.net", "delivered", "250 2.0.0 ok"),
+        ("Q1", "b@example.net", "bounced", "550 5.1.1 unknown")]
+
+
+async def test_settle_accepts_plain_three_tuples(store: QueueStore) -> None:
+    await store.enqueue(message("Q1"))
+    (job,) = await store.claim(T0, 1)
+    await store.settle("Q1", [Settlement(job.recipients[0].id, State.QUEUED, T0 + 60,
+                                         "451 4.3.0 later")],
+                       [("r@example.net", "deferred", "451 4.3.0 later")])
+    (row,) = await store.event_rows()
+    assert (row.event, row.category, row.app, row.campaign) == ("deferred", "", "", "")
+
+
+async def test_deleted_events_carry_the_message_app_and_campaign(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net"], app="shop",
+                                meta={"campaign": "spring"}))
+    await store.delete("Q1")
+    (row,) = await store.event_rows()
+    assert (row.recipient, row.event, row.reply, row.category, row.campaign, row.app) == (
+        "a@example.net", "deleted", "deleted by admin", "", "spring", "shop")
+
+
+async def test_record_events(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net", "b@example.net"], app="shop",
+                                meta={"campaign": "spring"}))
+    (job,) = await store.claim(T0, 1)
+    await store.settle("Q1", [Settlement(r.id, State.DELIVERED, T0, "250 ok")
+                              for r in job.recipients],
+                       [Outcome(r.address, "delivered", "250 ok", "delivered")
+                        for r in job.recipients], app="shop", campaign="spring")
+    assert await store.get("Q1") is None      # the message is gone; its events remain
+    ids = await store.record_events([
+        # a complaint about a delivered message: app and campaign come from its events
+        Event(ts=T0 + 10, queue_id="Q1", recipient="b@example.net", event="complaint",
+              reply="abuse report"),
+        # given values are kept
+        Event(ts=T0 + 11, queue_id="Q1", recipient="a@example.net", event="unsubscribe",
+              app="other", campaign="autumn"),
+        # nothing to inherit from
+        Event(ts=T0 + 12, queue_id="", recipient="c@example.net", event="unsubscribe"),
+        Event(ts=T0 + 13, queue_id="NOPE", recipient="d@example.net", event="complaint",
+              category="abuse"),
+    ])
+    assert len(ids) == 4 and ids == sorted(ids) and len(set(ids)) == 4
+    rows = await store.event_rows(since_id=ids[0] - 1)
+    assert [(e.id, e.ts, e.queue_id, e.recipient, e.event, e.category, e.reply, e.campaign,
+             e.app) for e in rows] == [
+        (ids[0], T0 + 10, "Q1", "b@example.net", "complaint", "", "abuse report", "spring",
+         "shop"),
+        (ids[1], T0 + 11, "Q1", "a@example.net", "unsubscribe", "", "", "autumn", "other"),
+        (ids[2], T0 + 12, "", "c@example.net", "unsubscribe", "", "", "", ""),
+        (ids[3], T0 + 13, "NOPE", "d@example.net", "complaint", "abuse", "", "", "")]
+    new_id = await record(store, "unsubscribe", "e@example.net", queue_id="Q1", ts=T0 + 14)
+    assert new_id > ids[-1]
+    (last,) = await store.event_rows(since_id=ids[-1])
+    assert (last.id, last.event, last.app, last.campaign) == (
+        new_id, "unsubscribe", "shop", "spring")
+    assert ("Q1", "b@example.net", "complaint", "abuse report") in await store.events("Q1")
+
+
+async def test_record_events_of_a_message_still_queued(store: QueueStore) -> None:
+    await store.enqueue(message("Q1", ["a@example.net"], app="shop",
+                                meta={"campaign": "spring"}))
+    await record(store, "complaint", "a@example.net", queue_id="Q1", ts=T0)
+    (row,) = await store.event_rows()
+    assert (row.app, row.campaign) == ("shop", "spring")
+
+
+async def test_event_rows_since_limit_and_app(store: QueueStore) -> None:
+    ids = await store.record_events([
+        Event(ts=T0 + i, queue_id=f"Q{i}", recipient=f"r{i}@example.net", event="delivered",
+              app="shop" if i % 2 else "") for i in range(10)])
+    assert [e.id for e in await store.event_rows()] == ids
+    assert [e.id for e in await store.event_rows(since_id=ids[2], limit=3)] == ids[3:6]
+    assert [e.id for e in await store.event_rows(app="shop")] == ids[1::2]
+    assert [e.id for e in await store.event_rows(since_id=ids[3], limit=2, app="shop")] == [
+        ids[5], ids[7]]
+    assert [e.id for e in await store.event_rows(app="")] == ids[0::2]
+    assert await store.event_rows(since_id=ids[-1]) == []
+    assert await store.event_rows(app="nobody") == []
+
+
+async def test_webhook_cursor(store: QueueStore) -> None:
+    assert await store.webhook_cursor("shop") == 0
+    await store.set_webhook_cursor("shop", 41)
+    await store.set_webhook_cursor("news", 7)
+    await store.set_webhook_cursor("shop", 42)
+    assert (await store.webhook_cursor("shop"), await store.webhook_cursor("news")) == (42, 7)
+
+
 # --- SQLite only: durability and the writer ---------------------------------------------------
 
 def _db(path: Path) -> sqlite3.Connection:
@@ -397,3 +511,111 @@ async def test_sqlite_refuses_work_when_closed(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(RuntimeError, match="not open"):
         await store.list()
+
+
+# --- SQLite only: the event log on disk ---------------------------------------------------------
+
+# The schema of the first release, before events had category, campaign and app.
+OLD_SCHEMA = """
+CREATE TABLE messages (
+    queue_id TEXT PRIMARY KEY, sender TEXT NOT NULL, body BLOB NOT NULL, size INTEGER NOT NULL,
+    smtputf8 INTEGER NOT NULL, eightbit INTEGER NOT NULL, client TEXT NOT NULL, app TEXT,
+    stream TEXT NOT NULL, meta TEXT NOT NULL, received_at REAL NOT NULL);
+CREATE TABLE recipients (
+    id INTEGER PRIMARY KEY,
+    queue_id TEXT NOT NULL REFERENCES messages(queue_id) ON DELETE CASCADE,
+    address TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL, last_reply TEXT, updated_at REAL NOT NULL);
+CREATE INDEX recipients_due ON recipients(next_attempt) WHERE state = 'queued';
+CREATE INDEX recipients_message ON recipients(queue_id);
+CREATE INDEX recipients_active ON recipients(state) WHERE state = 'active';
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, queue_id TEXT NOT NULL,
+    recipient TEXT NOT NULL, event TEXT NOT NULL, reply TEXT);
+CREATE INDEX events_queue_id ON events(queue_id);
+"""
+
+
+def make_old_database(path: Path) -> None:
+    with _db(path) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute("INSERT INTO messages VALUES ('Q0', 'app@example.com', ?, ?, 0, 0, 'c',"
+                   " 'shop', 'transactional', '{\"campaign\": \"spring\"}', ?)",
+                   (BODY, len(BODY), T0))
+        db.execute("INSERT INTO recipients (queue_id, address, state, next_attempt, updated_at)"
+                   " VALUES ('Q0', 'old@example.net', 'queued', ?, ?)", (T0, T0))
+        db.execute("INSERT INTO events (ts, queue_id, recipient, event, reply)"
+                   " VALUES (?, 'Q9', 'gone@example.net', 'delivered', '250 ok')", (T0,))
+    db.close()
+
+
+async def test_sqlite_upgrades_a_database_of_the_older_schema(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    make_old_database(path)
+    for _ in range(2):                         # the upgrade is done once; reopening is fine
+        store = SQLiteQueueStore(path)
+        await store.open()
+        try:
+            assert (await store.events())[:1] == [("Q9", "gone@example.net", "delivered",
+                                                  "250 ok")]
+            old = (await store.event_rows())[0]
+            assert (old.category, old.campaign, old.app) == ("", "", "")
+            jobs = await store.claim(T0, 10)
+            if jobs:                           # the queued mail of the old file goes out
+                (job,) = jobs
+                assert (job.app, job.meta) == ("shop", {"campaign": "spring"})
+                await store.settle("Q0", [Settlement(job.recipients[0].id, State.DELIVERED,
+                                                     T0, "250 ok")],
+                                   [Outcome("old@example.net", "delivered", "250 ok",
+                                            "delivered")],
+                                   app=job.app, campaign=job.meta["campaign"])
+            await store.set_webhook_cursor("shop", 1)
+        finally:
+            await store.close()
+    store = SQLiteQueueStore(path)
+    await store.open()
+    try:
+        last = (await store.event_rows())[-1]
+        assert (last.recipient, last.category, last.campaign, last.app) == (
+            "old@example.net", "delivered", "spring", "shop")
+    finally:
+        await store.close()
+    with _db(path) as db:
+        columns = [r[1] for r in db.execute("PRAGMA table_info(events)")]
+        assert columns[-3:] == ["category", "campaign", "app"]
+        indexes = {r[1] for r in db.execute("PRAGMA index_list(events)")}
+        assert {"events_stats", "events_app", "events_queue_id"} <= indexes
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    db.close()
+
+
+async def test_sqlite_two_stores_upgrade_the_same_old_file(tmp_path: Path) -> None:
+    """The relay and a `relay queue` command may open an old file at the same moment."""
+    path = tmp_path / "q.db"
+    make_old_database(path)
+    stores = [SQLiteQueueStore(path) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    for s in stores:
+        await s.close()
+    with _db(path) as db:
+        columns = [r[1] for r in db.execute("PRAGMA table_info(events)")]
+        assert columns.count("app") == 1
+    db.close()
+
+
+async def test_sqlite_event_log_and_cursor_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    first = SQLiteQueueStore(path)
+    await first.open()
+    ids = await first.record_events([Event(ts=T0, queue_id="Q1", recipient="a@example.net",
+                                           event="complaint", app="shop", campaign="c1")])
+    await first.set_webhook_cursor("shop", ids[0])
+    await first.close()
+    second = SQLiteQueueStore(path)
+    await second.open()
+    try:
+        assert await second.webhook_cursor("shop") == ids[0]
+        (row,) = await second.event_rows()
+        assert (row.id, row.event, row.app, row.campaign) == (ids[0], "complaint", "shop", "c1")
+    finally:
+        await second.close()
