@@ -23,6 +23,7 @@ from relay.outbound import Deliverer
 from relay.outbound.dkim import Signer, load_keys
 from relay.outbound.render import Renderer, UnsubscribeSettings
 from relay.outbound.smarthost import SmarthostDeliverer
+from relay.outbound.verp import Verp
 from relay.policy.unsubscribe import Tokens
 from relay.queue import QueueStore
 from relay.queue.pacing import Pacer
@@ -30,6 +31,7 @@ from relay.queue.scheduler import Scheduler
 from relay.queue.sqlite import SQLiteQueueStore
 from relay.server import Edge
 from relay.suppression import SuppressionStore
+from relay.suppression.ingest import Ingestor
 from relay.suppression.store import SQLiteSuppressionStore
 from relay.web import HttpListener, make_app
 from relay.webhook import WebhookSender, webhook_endpoints
@@ -44,7 +46,15 @@ def make_tokens(cfg: Config, environ: Mapping[str, str] | None = None) -> Tokens
     return Tokens(secret.encode("utf-8"), lifetime=cfg.unsubscribe.token_lifetime)
 
 
-def make_renderer(cfg: Config, tokens: Tokens | None) -> Renderer:
+def make_verp(cfg: Config, environ: Mapping[str, str] | None = None) -> Verp | None:
+    """VERP return paths ([bounces] verp = true), keyed by [bounces].secret_env."""
+    env = os.environ if environ is None else environ
+    if not cfg.bounces.verp or cfg.bounces.domain is None:
+        return None
+    return Verp(env[cfg.bounces.secret_env].encode("utf-8"), domain=cfg.bounces.domain)
+
+
+def make_renderer(cfg: Config, tokens: Tokens | None, verp: Verp | None = None) -> Renderer:
     """List-Unsubscribe for the marketing stream, then DKIM with every [[dkim]] key.
     Raises DkimKeyError for an unreadable or unusable key: the relay must not start."""
     signer = Signer(load_keys(cfg.dkim)) if cfg.dkim else None
@@ -56,7 +66,8 @@ def make_renderer(cfg: Config, tokens: Tokens | None) -> Renderer:
             mail_domain=u.mail_domain or cfg.server.hostname,
             existing_header=u.existing_header, scope=u.scope)
     fallbacks = {a.name: a.dkim_fallback_domain for a in cfg.apps if a.dkim_fallback_domain}
-    return Renderer(unsubscribe=unsubscribe, signer=signer, fallback_domains=fallbacks)
+    return Renderer(unsubscribe=unsubscribe, signer=signer, fallback_domains=fallbacks,
+                    verp=verp)
 
 
 class Relay:
@@ -69,7 +80,8 @@ class Relay:
         self.suppressions: SuppressionStore = suppressions or SQLiteSuppressionStore(
             cfg.suppression.path)
         self.tokens = make_tokens(cfg)
-        self.renderer = make_renderer(cfg, self.tokens)
+        self.verp = make_verp(cfg)
+        self.renderer = make_renderer(cfg, self.tokens, self.verp)
         self.deliverer: Deliverer = deliverer or SmarthostDeliverer(
             cfg.outbound, cfg.server.hostname, renderer=self.renderer)
         self.scheduler = Scheduler(
@@ -77,8 +89,13 @@ class Relay:
             concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
             pacer=Pacer(cfg.outbound.destination_for), hostname=cfg.server.hostname,
             suppressions=self.suppressions)
+        ingestor = None
+        if cfg.bounces.domain is not None:
+            ingestor = Ingestor(queue=self.store, suppressions=self.suppressions, verp=self.verp,
+                                hostname=cfg.server.hostname, report_dir=cfg.bounces.report_dir,
+                                nameservers=list(cfg.dns.nameservers) or None)
         self.edge = Edge(cfg, self.store, self.scheduler.wake, suppressions=self.suppressions,
-                         tokens=self.tokens, signer=self.renderer.signer)
+                         tokens=self.tokens, signer=self.renderer.signer, ingestor=ingestor)
         self.webhooks = WebhookSender(self.store, webhook_endpoints(cfg))
         self.http: HttpListener | None = None
         if cfg.http.listen is not None and self.tokens is not None:

@@ -197,6 +197,19 @@ class UnsubscribeConfig:
 
 
 @dataclass(frozen=True)
+class BouncesConfig:
+    """[bounces]: where reports come back, VERP, and what soft bounces add up to."""
+
+    domain: str | None = None             # bounce domain: relay takes in mail to it
+    verp: bool = False                    # per-recipient return path bounces+TOKEN@domain
+    secret_env: str = "RELAY_BOUNCE_SECRET"
+    soft_limit: int = 5                   # consecutive soft bounces ...
+    soft_days: float = 3 * 86400.0        # ... spread over at least this long: suppress
+    rules: Path | None = None             # the admin's own classifier rules (TOML)
+    report_dir: Path = Path("var/reports")
+
+
+@dataclass(frozen=True)
 class SuppressionConfig:
     path: Path = Path("var/suppression.db")
     at_rcpt: str = "reject"               # "reject" (550 5.7.1) or "drop" (accept, event)
@@ -248,6 +261,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     headers: HeadersConfig = field(default_factory=HeadersConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     dkim: tuple[DkimKeyConfig, ...] = ()
     apps: tuple[AppConfig, ...] = ()
 
@@ -577,6 +591,26 @@ class _Loader:
         s.done()
         return cfg
 
+    def bounces(self, raw: object) -> BouncesConfig:
+        s = _Section(self, "bounces", raw)
+        d = BouncesConfig()
+        cfg = BouncesConfig(
+            domain=s.get("domain", None, _domain),
+            verp=s.get("verp", d.verp, _bool),
+            secret_env=s.get("secret_env", d.secret_env, _env_name),
+            soft_limit=s.get("soft_limit", d.soft_limit, _positive_int),
+            soft_days=s.get("soft_days", d.soft_days, parse_duration),
+            rules=s.get("rules", None, self.readable_file),
+            report_dir=s.get("report_dir", self.base / d.report_dir, self.path_value),
+        )
+        if cfg.verp and cfg.domain is None:
+            self.problem("bounces.verp", "needs bounces.domain")
+        if cfg.verp and cfg.secret_env not in os.environ:
+            self.problem("bounces.secret_env",
+                         f"environment variable {cfg.secret_env} is not set (VERP tokens)")
+        s.done()
+        return cfg
+
     def suppression(self, raw: object) -> SuppressionConfig:
         s = _Section(self, "suppression", raw)
         cfg = SuppressionConfig(
@@ -664,8 +698,8 @@ class _Loader:
         return tuple(out)
 
 
-_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "suppression", "log", "dns",
-             "headers", "dkim", "app")
+_SECTIONS = ("server", "queue", "outbound", "http", "unsubscribe", "suppression", "bounces",
+             "log", "dns", "headers", "dkim", "app")
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
@@ -684,6 +718,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         dns=loader.dns(data.get("dns", {})),
         headers=loader.headers(data.get("headers", {})),
         suppression=loader.suppression(data.get("suppression", {})),
+        bounces=loader.bounces(data.get("bounces", {})),
         dkim=loader.dkim(data.get("dkim", [])),
         apps=loader.apps(data.get("app", [])),
     )

@@ -80,7 +80,7 @@ R550_BAD_STREAM = Reply(
     550, "5.6.0", "X-Relay-Stream must be \"transactional\" or \"marketing\"")
 R550_SUPPRESSED = Reply(550, "5.7.1", "Recipient address suppressed ({reason})")
 R550_CANNOT_SIGN = Reply(550, "5.6.0", "Message cannot be DKIM-signed: {why}")
-R250_UNSUBSCRIBE_TAKEN = Reply(250, "2.0.0", "Ok: unsubscribe request received")
+R250_LOCAL_TAKEN = Reply(250, "2.0.0", "Ok: received")
 R451_RATE_APP = Reply(
     451, "4.7.1", "Rate limit for application {app} reached ({limit}), try again later")
 R451_RATE_CLIENT = Reply(

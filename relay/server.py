@@ -39,6 +39,7 @@ from relay.queue import NewMessage, QueueStore, new_queue_id
 from relay.queue.scheduler import suppression_scopes
 from relay.replies import Reply
 from relay.suppression import Reason, Suppression, SuppressionStore
+from relay.suppression.ingest import Ingestor
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
 
@@ -372,8 +373,8 @@ class EdgeHandler:
         mailbox = parse_path(server.raw_path[len("FROM:"):])
         tx = Transaction(server.client, sender=mailbox or "")
         refusal = policy.first(policy.mail_checks[:1], tx)   # access first: say nothing more
-        if refusal is not None and policy.unsubscribe_address:
-            # Anyone may mail our unsubscribe address: the relay decision moves to RCPT.
+        if refusal is not None and (policy.unsubscribe_address or policy.bounce_domain):
+            # Anyone may mail our unsubscribe and bounce addresses: decide at RCPT.
             refusal = None
         if refusal is None:
             if mailbox is None:
@@ -399,8 +400,9 @@ class EdgeHandler:
         policy = server.policy
         tx = Transaction(server.client, sender=envelope.mail_from)
         mailbox = parse_path(server.raw_path[len("TO:"):])
-        if mailbox and policy.is_unsubscribe_address(mailbox):
-            # Mail to our own unsubscribe address: taken in by us, never relayed (RFC 2369).
+        if mailbox and (policy.is_unsubscribe_address(mailbox)
+                        or policy.is_bounce_address(mailbox)):
+            # Mail to our own unsubscribe or bounce addresses: taken in by us, never relayed.
             local = getattr(envelope, "local_rcpts", [])
             envelope.local_rcpts = [*local, mailbox]
             envelope.rcpt_tos.append(mailbox)
@@ -438,6 +440,18 @@ class EdgeHandler:
             return None
         return replies.R550_SUPPRESSED.format(reason=entry.reason)
 
+    async def take_local(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                         local: list[str], content: bytes) -> None:
+        policy = server.policy
+        for rcpt in local:
+            if policy.is_unsubscribe_address(rcpt):
+                await self.take_unsubscribe(session, envelope, _subject(content))
+            elif self.edge.ingestor is not None:
+                await self.edge.ingestor.ingest(
+                    content, envelope_rcpt=rcpt, client_ip=server.client.ip,
+                    helo=session.host_name or "",
+                    mail_from="" if envelope.mail_from == "<>" else envelope.mail_from)
+
     async def take_unsubscribe(self, session: Session, envelope: Envelope,
                                subject: str | None) -> None:
         """An unsubscribe request by mail: the token is in the Subject (RFC 6068 mailto)."""
@@ -470,6 +484,12 @@ class EdgeHandler:
             server.reject_logged = True
             SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client, bad)
             return str(bad)
+        local = getattr(envelope, "local_rcpts", [])
+        if local:
+            # Mail for the relay itself (reports, unsubscribes) is taken in here, not relayed.
+            await self.take_local(server, session, envelope, local, content)
+            if len(local) == len(envelope.rcpt_tos):
+                return str(replies.R250_LOCAL_TAKEN)
         now = time.time()
         app = server.client.app
         default_stream = app.stream if app else policy.cfg.server.default_stream
@@ -484,12 +504,8 @@ class EdgeHandler:
                 content, policy.header_rules, app=app.name if app else None,
                 hostname=policy.cfg.server.hostname, now=now, stream=policy.stream_for(tx))
         refusal: Reply | str | None = None
-        local = getattr(envelope, "local_rcpts", [])
         if headers.message is None:
             refusal = _HEADER_REFUSALS.get(headers.refusal or "", replies.R550_BAD_HEADER)
-        elif len(local) == len(envelope.rcpt_tos):
-            await self.take_unsubscribe(session, envelope, _subject(content))
-            return str(replies.R250_UNSUBSCRIBE_TAKEN)
         else:
             refusal = policy.first(policy.data_checks, tx)
         if refusal is None and self.edge.signer is not None:
@@ -502,8 +518,6 @@ class EdgeHandler:
             SMTPD.info("NOQUEUE: reject: END-OF-MESSAGE from %s: %s", client, refusal)
             return str(refusal)
         assert headers.message is not None
-        if local:
-            await self.take_unsubscribe(session, envelope, _subject(content))
         queue_id = new_queue_id()
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         rcpts = [r for r in dict.fromkeys(envelope.rcpt_tos) if r not in local]
@@ -593,7 +607,7 @@ class Edge:
 
     def __init__(self, cfg: Config, store: QueueStore, on_queued: Callable[[], None], *,
                  suppressions: SuppressionStore | None = None, tokens: Tokens | None = None,
-                 signer: Signer | None = None):
+                 signer: Signer | None = None, ingestor: Ingestor | None = None):
         self.cfg = cfg
         self.policy = Policy(cfg, intake=tokens is not None)
         self.store = store
@@ -601,6 +615,7 @@ class Edge:
         self.suppressions = suppressions
         self.tokens = tokens
         self.signer = signer
+        self.ingestor = ingestor
         self.handler = EdgeHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False

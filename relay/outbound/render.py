@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from relay.address import domain_of
 from relay.outbound.dkim import Signer
+from relay.outbound.verp import Verp
 from relay.policy.unsubscribe import Tokens, apply_unsubscribe, unsubscribe_headers
 from relay.queue import Job, Recipient
 
@@ -32,19 +33,31 @@ class UnsubscribeSettings:
 class Renderer:
     def __init__(self, *, unsubscribe: UnsubscribeSettings | None = None,
                  signer: Signer | None = None,
-                 fallback_domains: dict[str, str] | None = None):
+                 fallback_domains: dict[str, str] | None = None, verp: Verp | None = None):
         self.unsubscribe = unsubscribe
         self.signer = signer
         self.fallback_domains = fallback_domains or {}   # app name -> DKIM fallback domain
+        self.verp = verp
 
     def per_recipient(self, job: Job) -> bool:
         """Marketing mail gets List-Unsubscribe per recipient, so one transaction each.
         Mail from the null sender (notifications) is not list mail (case 11)."""
-        return self.unsubscribe is not None and job.stream == "marketing" and job.sender != ""
+        if job.sender == "":
+            return False
+        if self.verp is not None:
+            return True    # each recipient its own return path
+        return self.unsubscribe is not None and job.stream == "marketing"
+
+    def sender(self, job: Job, rcpt: Recipient | None) -> str:
+        """The envelope sender for this copy: VERP bounces+TOKEN@domain, or the original.
+        Never for the null sender (notifications must not bounce back)."""
+        if self.verp is None or rcpt is None or job.sender == "":
+            return job.sender
+        return self.verp.return_path(job.queue_id, rcpt.address)
 
     def render(self, job: Job, rcpt: Recipient | None) -> bytes:
         body = job.body
-        if rcpt is not None and self.unsubscribe is not None:
+        if rcpt is not None and self.unsubscribe is not None and job.stream == "marketing":
             u = self.unsubscribe
             headers = unsubscribe_headers(
                 tokens=u.tokens, recipient=rcpt.address, scope=u.scope_for(job.sender),

@@ -88,17 +88,19 @@ class SmarthostDeliverer:
         """One transaction for the job's recipients, or one per recipient when each gets
         its own headers (marketing: List-Unsubscribe)."""
         if not self.renderer.per_recipient(job):
-            return await self._deliver(job, job.recipients, self.renderer.render(job, None))
+            return await self._deliver(job, job.recipients, job.sender,
+                                       self.renderer.render(job, None))
         results: list[RcptResult] = []
         for rcpt in job.recipients:
-            results += await self._deliver(job, [rcpt], self.renderer.render(job, rcpt))
+            results += await self._deliver(job, [rcpt], self.renderer.sender(job, rcpt),
+                                           self.renderer.render(job, rcpt))
         return results
 
-    async def _deliver(self, job: Job, rcpts: list[Recipient],
+    async def _deliver(self, job: Job, rcpts: list[Recipient], sender: str,
                        body: bytes) -> list[RcptResult]:
         """One transaction; retried once on a fresh connection when a pooled connection
         turns out to have been closed by the server (not counted)."""
-        job = dataclasses.replace(job, recipients=rcpts, body=body)
+        job = dataclasses.replace(job, recipients=rcpts, sender=sender, body=body)
         for _ in range(2):
             try:
                 conn = await self.pool.acquire()

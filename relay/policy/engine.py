@@ -54,6 +54,7 @@ class Policy:
         domain = cfg.unsubscribe.mail_domain or cfg.server.hostname
         self.unsubscribe_address = f"unsubscribe@{domain.lower()}" if (
             intake and marketing) else None
+        self.bounce_domain = cfg.bounces.domain
         self.accounts = Accounts(cfg.apps)
         # The lockout survives a reload, so a reload is no way around it.
         self.lockout = lockout or AuthLockout(cfg.server.auth_max_failures,
@@ -72,6 +73,10 @@ class Policy:
         self.rcpt_checks: list[Check] = [self.check_access]
         self.data_checks: list[Check] = [self.check_from_domain, self.check_dkim_key,
                                          self.check_stream]
+
+    def is_bounce_address(self, mailbox: str) -> bool:
+        """Mail for the bounce domain: DSNs and complaints coming back (issue of VERP)."""
+        return self.bounce_domain is not None and domain_of(mailbox) == self.bounce_domain
 
     def is_unsubscribe_address(self, mailbox: str) -> bool:
         return self.unsubscribe_address is not None and \
