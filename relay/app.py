@@ -19,6 +19,7 @@ from typing import Self
 
 from relay.config import Config, ConfigError, default_config_path, load_config
 from relay.log import MASTER, ReopenableFileHandler, configure_logging
+from relay.metrics import Metrics
 from relay.outbound import Deliverer
 from relay.outbound.dkim import Signer, load_keys
 from relay.outbound.render import Renderer, UnsubscribeSettings
@@ -97,11 +98,17 @@ class Relay:
         self.edge = Edge(cfg, self.store, self.scheduler.wake, suppressions=self.suppressions,
                          tokens=self.tokens, signer=self.renderer.signer, ingestor=ingestor)
         self.webhooks = WebhookSender(self.store, webhook_endpoints(cfg))
+        self.metrics = Metrics()
+        self.metrics.watch(sessions=lambda: len(self.edge.sessions),
+                           pool=lambda: {"smarthost": getattr(getattr(
+                               self.deliverer, "pool", None), "open_now", 0)})
+        self.scheduler.metrics = self.edge.metrics = self.renderer.metrics = self.metrics
         self.http: HttpListener | None = None
-        if cfg.http.listen is not None and self.tokens is not None:
+        if cfg.http.listen is not None:
             app = make_app(tokens=self.tokens, store=self.suppressions,
-                           max_body=cfg.http.max_body)
+                           max_body=cfg.http.max_body, metrics=self.metrics)
             self.http = HttpListener(app, *cfg.http.listen)
+        self._gauges: asyncio.Task[None] | None = None
         self.smtp_addresses: list[tuple[str, int]] = []
         self.http_address: tuple[str, int] | None = None
         self.running = False
@@ -114,6 +121,7 @@ class Relay:
             MASTER.info("queue: %d recipient(s) of interrupted deliveries returned to the queue",
                         recovered)
         self.scheduler.start()
+        self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         self.webhooks.start()
         self.smtp_addresses = await self.edge.start()
         if self.http is not None:
@@ -127,6 +135,10 @@ class Relay:
             return
         self.running = False
         await self.edge.stop(deadline)
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
         if self.http is not None:
             await self.http.stop()
         await self.scheduler.stop(deadline)
@@ -135,6 +147,13 @@ class Relay:
         await self.store.close()
         self.suppressions.close()
         MASTER.info("daemon stopped")
+
+    async def _refresh_gauges(self, every: float = 5.0) -> None:
+        """Queue size by state for /metrics, read off the store now and then."""
+        while True:
+            with contextlib.suppress(Exception):
+                self.metrics.queue_counts = await self.store.counts()
+            await asyncio.sleep(every)
 
     def reload(self, cfg: Config) -> None:
         """Apply a new configuration: new SMTP sessions get the new policy at once.

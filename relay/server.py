@@ -30,6 +30,7 @@ from relay import replies
 from relay.address import canonical, check_mailbox, parse_path
 from relay.config import Config, IPNetwork
 from relay.log import CLEANUP, QMGR, SMTPD
+from relay.metrics import Metrics
 from relay.outbound.dkim import DkimMessageError, Signer
 from relay.outbound.dkim import check as dkim_check
 from relay.policy.engine import Client, Policy, Transaction
@@ -301,6 +302,8 @@ class RelaySMTP(AioSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
             self._edge.sessions.add(self)
+            if self._edge.metrics is not None:
+                self._edge.metrics.sessions_total.inc()
         # Called again after STARTTLS with a new session: RFC 3207 4.2, forget everything.
         super().connection_made(transport)
         assert self.session is not None
@@ -537,6 +540,8 @@ class EdgeHandler:
             SMTPD.exception("NOQUEUE: queue write failed for %s", client)
             return str(replies.R451_QUEUE_WRITE)
         await policy.take_message(tx)
+        if self.edge.metrics is not None:
+            self.edge.metrics.accepted.inc()
         auth = f", sasl_username={app.name}" if app else ""
         SMTPD.info("%s: client=%s%s", queue_id, client, auth)
         CLEANUP.info("%s: message-id=<%s>", queue_id, _printable(headers.message_id))
@@ -616,6 +621,7 @@ class Edge:
         self.tokens = tokens
         self.signer = signer
         self.ingestor = ingestor
+        self.metrics: Metrics | None = None
         self.handler = EdgeHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False

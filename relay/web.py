@@ -34,6 +34,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own "100 Continue" writer; ours only puts the refusals in front of it.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
+from relay.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from relay.metrics import Metrics
 from relay.policy.unsubscribe import ONE_CLICK_KEY, ONE_CLICK_VALUE, TokenData, Tokens
 from relay.suppression import Reason, Suppression, SuppressionStore
 
@@ -253,10 +255,11 @@ async def _security_headers(request: web.Request,
         response.headers.setdefault(name, value)
 
 
-def make_app(*, tokens: Tokens, store: SuppressionStore,
+def make_app(*, tokens: Tokens | None, store: SuppressionStore,
              on_unsubscribe: Callable[[TokenData], None] | None = None,
              max_body: int = 4096,
-             clock: Callable[[], float] = time.time) -> web.Application:
+             clock: Callable[[], float] = time.time,
+             metrics: Metrics | None = None) -> web.Application:
     """The aiohttp application: one-click unsubscribe and /healthz.
 
     `on_unsubscribe` is called (on the event loop, after the suppression is durable) once
@@ -268,9 +271,15 @@ def make_app(*, tokens: Tokens, store: SuppressionStore,
     handlers = _Handlers(tokens, store, on_unsubscribe, max_body, clock)
     # client_max_size backs up the explicit limits for any body read through aiohttp itself.
     app = web.Application(middlewares=[_limit_url], client_max_size=max_body)
-    app.router.add_get("/u/{token}", handlers.confirm_page)
-    app.router.add_post("/u/{token}", handlers.one_click, expect_handler=handlers.expect)
+    if tokens is not None:   # one-click unsubscribe needs the token secret
+        app.router.add_get("/u/{token}", handlers.confirm_page)
+        app.router.add_post("/u/{token}", handlers.one_click, expect_handler=handlers.expect)
     app.router.add_get("/healthz", handlers.healthz)
+    if metrics is not None:
+        async def scrape(request: web.Request) -> web.Response:
+            return web.Response(body=metrics.render(),
+                                headers={"Content-Type": METRICS_CONTENT_TYPE})
+        app.router.add_get("/metrics", scrape)
     app.on_response_prepare.append(_security_headers)
     return app
 

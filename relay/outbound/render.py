@@ -7,9 +7,11 @@ added here are covered by the signature because they are added before it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from relay.address import domain_of
+from relay.metrics import Metrics
 from relay.outbound.dkim import Signer
 from relay.outbound.verp import Verp
 from relay.policy.unsubscribe import Tokens, apply_unsubscribe, unsubscribe_headers
@@ -38,6 +40,7 @@ class Renderer:
         self.signer = signer
         self.fallback_domains = fallback_domains or {}   # app name -> DKIM fallback domain
         self.verp = verp
+        self.metrics: Metrics | None = None
 
     def per_recipient(self, job: Job) -> bool:
         """Marketing mail gets List-Unsubscribe per recipient, so one transaction each.
@@ -65,5 +68,8 @@ class Renderer:
             body = apply_unsubscribe(body, headers, u.existing_header)
         if self.signer is not None:
             fallback = self.fallback_domains.get(job.app or "")
+            started = time.perf_counter()
             body = self.signer.sign(body, fallback_domain=fallback)   # last
+            if self.metrics is not None:
+                self.metrics.dkim_seconds.observe(time.perf_counter() - started)
         return body

@@ -20,6 +20,7 @@ from relay import replies
 from relay.address import canonical, domain_of
 from relay.events import Outcome
 from relay.log import BOUNCE, QMGR, SMTP
+from relay.metrics import Metrics
 from relay.outbound import Deliverer, RcptResult
 from relay.outbound.classify import Action, SmtpReply, classify, from_catalogue
 from relay.outbound.dsn import FailedRecipient, build_dsn
@@ -60,6 +61,7 @@ class Scheduler:
         self.pacer = pacer or Pacer(lambda domain: None)
         self.hostname = hostname
         self.suppressions = suppressions
+        self.metrics: Metrics | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: set[asyncio.Task[None]] = set()
@@ -187,6 +189,9 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - the lease stays; recover() at start retries
             QMGR.exception("%s: cannot record suppressed recipients", job.queue_id)
             return dataclasses.replace(job, recipients=[])
+        if self.metrics is not None:
+            for _ in hits:
+                self.metrics.outcome("suppressed")
         for r, s in hits:
             SMTP.info("%s: to=<%s>, relay=none, delay=%.2f, dsn=5.7.1, status=suppressed "
                       "(%s, scope %s)", job.queue_id, r.address, now - job.received_at,
@@ -261,6 +266,11 @@ class Scheduler:
             return
         for level, line in lines:
             SMTP.log(level, line)
+        if self.metrics is not None:
+            for outcome in events:
+                self.metrics.outcome(outcome.event, outcome.category)
+                if outcome.event == "delivered":
+                    self.metrics.delivery_latency.observe(now - job.received_at)
         for address, reply in to_suppress:
             await self._suppress(address, reply, now)
         if notice is not None:
