@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import random
 import signal
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Self
 
 from relay.config import Config, ConfigError, default_config_path, load_config
@@ -71,6 +73,10 @@ def make_renderer(cfg: Config, tokens: Tokens | None, verp: Verp | None = None) 
                     verp=verp)
 
 
+class QueueLockedError(RuntimeError):
+    """Another relay process holds the queue's lock."""
+
+
 class Relay:
     def __init__(self, cfg: Config, *, store: QueueStore | None = None,
                  deliverer: Deliverer | None = None,
@@ -109,11 +115,35 @@ class Relay:
                            max_body=cfg.http.max_body, metrics=self.metrics)
             self.http = HttpListener(app, *cfg.http.listen)
         self._gauges: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
         self.smtp_addresses: list[tuple[str, int]] = []
         self.http_address: tuple[str, int] | None = None
         self.running = False
 
+    def _lock(self) -> None:
+        """One relay process per queue: a second one would deliver every message twice."""
+        path = Path(f"{self.cfg.queue.path}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QueueLockedError(
+                f"another relay process is using the queue {self.cfg.queue.path} "
+                f"(lock {path} is held)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)   # releases the flock
+            self._lock_fd = None
+
     async def start(self) -> None:
+        if isinstance(self.store, SQLiteQueueStore):
+            self._lock()
         await self.store.open()
         self.running = True
         recovered = await self.store.recover()
@@ -146,6 +176,7 @@ class Relay:
         await self.deliverer.close()
         await self.store.close()
         self.suppressions.close()
+        self._unlock()
         MASTER.info("daemon stopped")
 
     async def _refresh_gauges(self, every: float = 5.0) -> None:

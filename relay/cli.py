@@ -58,9 +58,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         print("relay: refusing to start with configuration errors", file=sys.stderr)
         return 1
+    from relay.app import QueueLockedError
+
     try:
         asyncio.run(serve(cfg))
-    except OSError as exc:
+    except (OSError, QueueLockedError) as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -88,7 +90,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         await store.open()
         try:
             if args.action == "list":
-                entries = await store.list()
+                entries = _filter(await store.list(), args)
                 if args.json:
                     print(json.dumps([{
                         "queue_id": e.queue_id, "sender": e.sender, "size": e.size,
@@ -122,6 +124,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
             if args.action == "flush":
                 n = await store.flush(time.time())
                 print(f"{n} recipient(s) made due now")
+                return 0
+            if args.action in ("hold", "release"):
+                n = await store.hold(args.id, args.action == "hold")
+                if n == 0 and await store.get(args.id) is None:
+                    print(f"relay: no message {args.id} in queue", file=sys.stderr)
+                    return 1
+                print(f"{args.id}: {n} recipient(s) {args.action}" + ("ed" if args.action ==
+                                                                       "hold" else "d"))
                 return 0
             if args.action == "delete":
                 if not await store.delete(args.id):
@@ -277,6 +287,29 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter(entries: list, args: argparse.Namespace) -> list:
+    """`relay queue list` filters: state, sender, destination, age."""
+    from relay.address import domain_of
+    from relay.config import parse_duration
+
+    cutoff = time.time() - parse_duration(args.older_than) if args.older_than else None
+    out = []
+    for e in entries:
+        states = {r.state.value for r in e.recipients}
+        domains = {domain_of(r.address) for r in e.recipients}
+        if args.state and args.state not in states:
+            continue
+        if args.sender and args.sender.lower() not in e.sender.lower():
+            continue
+        if args.destination and not any(d == args.destination or d.endswith(
+                "." + args.destination) for d in domains):
+            continue
+        if cutoff is not None and e.received_at > cutoff:
+            continue
+        out.append(e)
+    return out
+
+
 def cmd_demo_sink(args: argparse.Namespace) -> int:
     from relay.demo import run_sink
 
@@ -423,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = q.add_subparsers(dest="action", required=True)
     ql = qsub.add_parser("list")
     ql.add_argument("--json", action="store_true")
+    ql.add_argument("--state", choices=["queued", "active", "held"],
+                    help="messages with a recipient in this state")
+    ql.add_argument("--sender", help="envelope sender contains this")
+    ql.add_argument("--destination", help="a recipient domain is this (or a subdomain)")
+    ql.add_argument("--older-than", help="received longer ago than this (30m, 2h, 1d)")
+    qsub.add_parser("hold").add_argument("id")
+    qsub.add_parser("release").add_argument("id")
     qsub.add_parser("show").add_argument("id")
     qsub.add_parser("flush")
     qsub.add_parser("delete").add_argument("id")

@@ -295,3 +295,49 @@ def test_app_hash_password_verifies() -> None:
     assert encoded.startswith("pbkdf2_sha256$")
     assert verify_hash(b"correct horse", encoded)
     assert not verify_hash(b"wrong", encoded)
+
+
+def test_queue_hold_release_and_filters(tmp_path) -> None:
+    from relay.queue import NewMessage
+    from relay.queue.sqlite import SQLiteQueueStore
+
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[queue]\npath = "q.db"\n[outbound]\nsmarthost = "127.0.0.1:9"\n'
+                   '[http]\nlisten = ""\n')
+
+    async def fill() -> None:
+        store = SQLiteQueueStore(tmp_path / "q.db")
+        await store.open()
+        await store.enqueue(NewMessage("AAA1", "shop@example.com", ["r@gmail.com"],
+                                       b"Subject: a\r\n\r\nx\r\n", time.time() - 7200))
+        await store.enqueue(NewMessage("BBB2", "news@example.org", ["r@example.net"],
+                                       b"Subject: b\r\n\r\nx\r\n", time.time()))
+        await store.close()
+
+    asyncio.run(fill())
+
+    def relay(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "relay", "queue", "--config", str(cfg),
+                               *args], capture_output=True, text=True, timeout=60, check=False)
+
+    def ids(out: str) -> list[str]:
+        return [e["queue_id"] for e in json.loads(out)]
+
+    assert ids(relay("list", "--json", "--destination", "gmail.com").stdout) == ["AAA1"]
+    assert ids(relay("list", "--json", "--sender", "news@").stdout) == ["BBB2"]
+    assert ids(relay("list", "--json", "--older-than", "1h").stdout) == ["AAA1"]
+    assert relay("hold", "AAA1").returncode == 0
+    assert ids(relay("list", "--json", "--state", "held").stdout) == ["AAA1"]
+
+    async def claim() -> list[str]:
+        store = SQLiteQueueStore(tmp_path / "q.db")
+        await store.open()
+        try:
+            return [j.queue_id for j in await store.claim(time.time() + 1, 10)]
+        finally:
+            await store.close()
+
+    assert asyncio.run(claim()) == ["BBB2"]          # a held message is not delivered
+    assert relay("release", "AAA1").returncode == 0
+    assert ids(relay("list", "--json", "--state", "queued").stdout) == ["AAA1"]
+    assert relay("hold", "NOPE").returncode == 1

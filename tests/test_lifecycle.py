@@ -102,3 +102,50 @@ def test_serve_refuses_to_start_with_config_errors(tmp_path) -> None:
     assert out.returncode != 0
     assert "server.listen" in out.stderr and "server.max_recipients" in out.stderr
     assert "refusing to start" in out.stderr
+
+
+def test_second_process_on_the_same_queue_is_refused(served) -> None:
+    proc, cfg, _log, port, sink_port = served
+    other = cfg.parent / "other.toml"
+    write_config(other, free_port(), sink_port)      # same queue path, other port
+    out = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(other)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0
+    assert "another relay process is using the queue" in out.stderr
+    assert proc.poll() is None                        # the first one is unharmed
+    send(port)
+
+
+def test_sigusr1_reopens_the_log_file(served) -> None:
+    proc, _cfg, log, port, _sink_port = served
+    rotated = log.with_name("relay.log.1")
+    log.rename(rotated)
+    os.kill(proc.pid, signal.SIGUSR1)
+    time.sleep(0.3)
+    send(port)
+    content = wait_log(log, "(queue active)")         # a new file, written again
+    assert "daemon started" not in content
+    assert "daemon started" in rotated.read_text()
+
+
+def test_json_log_format(tmp_path) -> None:
+    port, sink_port = free_port(), free_port()
+    cfg = tmp_path / "relay.toml"
+    write_config(cfg, port, sink_port)
+    cfg.write_text(cfg.read_text().replace('file = "var/relay.log"',
+                                           'file = "var/relay.log"\nformat = "json"'))
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        log = tmp_path / "var" / "relay.log"
+        wait_log(log, "daemon started")
+        send(port)
+        wait_log(log, "queue active")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    import json
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all({"ts", "host", "program", "pid", "level", "message"} <= set(r) for r in rows)
+    assert any(r["program"] == "relay/qmgr" and "from=<a@example.com>" in r["message"]
+               for r in rows)

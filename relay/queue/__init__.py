@@ -22,6 +22,7 @@ from relay.events import Event, Outcome
 class State(StrEnum):
     QUEUED = "queued"          # waiting for its next attempt (new or deferred)
     ACTIVE = "active"          # leased by a delivery in flight
+    HELD = "held"              # put on hold by the admin (postsuper -h): not delivered
     DELIVERED = "delivered"
     BOUNCED = "bounced"
     EXPIRED = "expired"
@@ -30,7 +31,7 @@ class State(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self not in (State.QUEUED, State.ACTIVE)
+        return self not in (State.QUEUED, State.ACTIVE, State.HELD)
 
 
 def new_queue_id() -> str:
@@ -151,6 +152,9 @@ class QueueStore(Protocol):
 
     async def flush(self, now: float) -> int:
         """Make every queued recipient due now. Return the count."""
+
+    async def hold(self, queue_id: str, held: bool) -> int:
+        """Hold (or release) a message's queued recipients. Return how many changed."""
 
     async def counts(self) -> dict[str, int]:
         """Recipients per non-terminal state."""

@@ -156,6 +156,16 @@ class MemoryQueueStore:
                     n += 1
         return n
 
+    async def hold(self, queue_id: str, held: bool) -> int:
+        old, new = (State.QUEUED, State.HELD) if held else (State.HELD, State.QUEUED)
+        stored = self._messages.get(queue_id)
+        changed = 0
+        for r in stored.recipients if stored else []:
+            if r.state is old:
+                r.state = new
+                changed += 1
+        return changed
+
     async def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self._messages.values():

@@ -342,7 +342,7 @@ class SQLiteQueueStore:
                 return False
             app, campaign = exists[0] or "", json.loads(exists[1]).get("campaign") or ""
             conn.execute("UPDATE recipients SET state='deleted', updated_at=? WHERE queue_id=?"
-                         " AND state IN ('queued','active')", (now, queue_id))
+                         " AND state IN ('queued','active','held')", (now, queue_id))
             conn.executemany(
                 "INSERT INTO events (ts, queue_id, recipient, event, reply, campaign, app)"
                 " VALUES (?,?,?,?,?,?,?)",
@@ -360,10 +360,20 @@ class SQLiteQueueStore:
 
         return await self._run(work)
 
+    async def hold(self, queue_id: str, held: bool) -> int:
+        old, new = ("queued", "held") if held else ("held", "queued")
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("UPDATE recipients SET state=?, next_attempt=MIN(next_attempt,?)"
+                                " WHERE queue_id=? AND state=?",
+                                (new, time.time(), queue_id, old)).rowcount
+
+        return await self._run(work)
+
     async def counts(self) -> dict[str, int]:
         def work(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute(
-                "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued','active')"
+                "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued','active','held')"
                 " GROUP BY state").fetchall())
 
         return await self._run(work)
