@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from relay.config import Config
 
 TABLE = "suppressions"
+SOFT_TABLE = "soft_bounces"
 _COLUMNS = "address, scope, reason, detail, created_at, expires_at"
 _BUSY_TIMEOUT_MS = 5000  # another process (the CLI beside `relay serve`) may hold the lock
 
@@ -58,6 +59,18 @@ _UPSERT_SQL = (
     "ON CONFLICT (address, scope) DO UPDATE SET reason = excluded.reason, "
     "detail = excluded.detail, created_at = excluded.created_at, "
     "expires_at = excluded.expires_at")
+
+
+# Consecutive soft bounces per address (relay.outbound.classify "soft"): the queue suppresses
+# with reason soft-bounce-limit only after N of them spread over at least D days, and a
+# delivery clears the count.
+_SOFT_SCHEMA = (f"CREATE TABLE IF NOT EXISTS {SOFT_TABLE} (address TEXT PRIMARY KEY, "
+                "count INTEGER NOT NULL, first_at REAL NOT NULL, last_at REAL NOT NULL)")
+_SOFT_RECORD_SQL = (
+    f"INSERT INTO {SOFT_TABLE} (address, count, first_at, last_at) VALUES (?, 1, ?, ?) "
+    "ON CONFLICT (address) DO UPDATE SET count = count + 1, last_at = excluded.last_at "
+    "RETURNING count, first_at")
+_SOFT_GET_SQL = f"SELECT count, first_at, last_at FROM {SOFT_TABLE} WHERE address = ?"
 
 
 def _row(entry: Suppression) -> tuple[str, str, str, str, float, float | None]:
@@ -132,6 +145,7 @@ class SQLiteSuppressionStore:
         # purge_expired() reads only the (few) entries that expire.
         self._writer.execute("CREATE INDEX IF NOT EXISTS suppressions_expires_at "
                              f"ON {TABLE} (expires_at) WHERE expires_at IS NOT NULL")
+        self._writer.execute(_SOFT_SCHEMA)
 
     def check(self, address: str, scopes: tuple[str, ...] = (GLOBAL,),
               now: float | None = None) -> Suppression | None:
@@ -209,6 +223,35 @@ class SQLiteSuppressionStore:
             (n,) = self._reader.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
         return int(n)
 
+    def record_soft_bounce(self, address: str, now: float | None = None) -> tuple[int, float]:
+        """Count one more consecutive soft bounce of `address` (at `now`, default the clock):
+        (count so far, time of the first). One transaction, fsync'd before it returns."""
+        when = self._clock() if now is None else now
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                # fetchall(): step the RETURNING statement to its end before COMMIT
+                [(count, first_at)] = self._writer.execute(
+                    _SOFT_RECORD_SQL, (canonical(address), when, when)).fetchall()
+                self._writer.execute("COMMIT")
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+        return int(count), float(first_at)
+
+    def clear_soft_bounces(self, address: str) -> bool:
+        """Forget the soft bounces of `address` (it took a delivery). True if it had some."""
+        with self._write_lock:
+            cur = self._writer.execute(f"DELETE FROM {SOFT_TABLE} WHERE address = ?",
+                                       (canonical(address),))
+        return cur.rowcount > 0
+
+    def soft_bounces(self, address: str) -> tuple[int, float, float] | None:
+        """(count, first_at, last_at) of the consecutive soft bounces of `address`, if any."""
+        with self._read_lock:
+            row = self._reader.execute(_SOFT_GET_SQL, (canonical(address),)).fetchone()
+        return None if row is None else (int(row[0]), float(row[1]), float(row[2]))
+
     def close(self) -> None:
         """Close both connections (the last close checkpoints the WAL into the file)."""
         with self._read_lock:
@@ -234,6 +277,7 @@ class MemorySuppressionStore:
     def __init__(self, *, clock: Callable[[], float] = time.time):
         self._clock = clock
         self._entries: dict[tuple[str, str], Suppression] = {}
+        self._soft: dict[str, tuple[int, float, float]] = {}  # address -> count, first, last
 
     def check(self, address: str, scopes: tuple[str, ...] = (GLOBAL,),
               now: float | None = None) -> Suppression | None:
@@ -286,6 +330,23 @@ class MemorySuppressionStore:
     def count(self) -> int:
         """How many entries are stored, expired ones included."""
         return len(self._entries)
+
+    def record_soft_bounce(self, address: str, now: float | None = None) -> tuple[int, float]:
+        """Count one more consecutive soft bounce of `address` (at `now`, default the clock):
+        (count so far, time of the first)."""
+        when = self._clock() if now is None else now
+        key = canonical(address)
+        count, first_at, _ = self._soft.get(key, (0, when, when))
+        self._soft[key] = (count + 1, first_at, when)
+        return count + 1, first_at
+
+    def clear_soft_bounces(self, address: str) -> bool:
+        """Forget the soft bounces of `address` (it took a delivery). True if it had some."""
+        return self._soft.pop(canonical(address), None) is not None
+
+    def soft_bounces(self, address: str) -> tuple[int, float, float] | None:
+        """(count, first_at, last_at) of the consecutive soft bounces of `address`, if any."""
+        return self._soft.get(canonical(address))
 
     def close(self) -> None:
         """Nothing to release."""
