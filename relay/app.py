@@ -23,6 +23,7 @@ from relay.config import Config, ConfigError, default_config_path, load_config
 from relay.log import MASTER, ReopenableFileHandler, configure_logging
 from relay.metrics import Metrics
 from relay.outbound import Deliverer
+from relay.outbound.classify import Rules
 from relay.outbound.dkim import Signer, load_keys
 from relay.outbound.render import Renderer, UnsubscribeSettings
 from relay.outbound.smarthost import SmarthostDeliverer
@@ -95,7 +96,8 @@ class Relay:
             self.store, self.deliverer, retry=cfg.queue.retry, lifetime=cfg.queue.lifetime,
             concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
             pacer=Pacer(cfg.outbound.destination_for), hostname=cfg.server.hostname,
-            suppressions=self.suppressions)
+            suppressions=self.suppressions, rules=Rules.load(cfg.bounces.rules),
+            soft_limit=cfg.bounces.soft_limit, soft_days=cfg.bounces.soft_days)
         ingestor = None
         if cfg.bounces.domain is not None:
             ingestor = Ingestor(queue=self.store, suppressions=self.suppressions, verp=self.verp,

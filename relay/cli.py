@@ -20,15 +20,21 @@ def _load(path: str | None) -> Config:
 
 
 def _check_keys(cfg: Config) -> list[str]:
-    """[[dkim]] keys must load: an unusable key stops the relay from starting."""
+    """[[dkim]] keys must load and [bounces].rules must parse, or the relay won't start."""
+    from relay.outbound.classify import Rules, RulesError
     from relay.outbound.dkim import DkimKeyError, load_keys
 
+    where = cfg.path or default_config_path()
+    problems = []
     try:
         load_keys(cfg.dkim)
     except DkimKeyError as exc:
-        where = cfg.path or default_config_path()
-        return [f"{where}: dkim: {exc.path}: {exc.why}"]
-    return []
+        problems.append(f"{where}: dkim: {exc.path}: {exc.why}")
+    try:
+        Rules.load(cfg.bounces.rules)
+    except RulesError as exc:
+        problems.append(f"{where}: bounces.rules: {exc}")
+    return problems
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from relay.events import Outcome
 from relay.log import BOUNCE, QMGR, SMTP
 from relay.metrics import Metrics
 from relay.outbound import Deliverer, RcptResult
-from relay.outbound.classify import Action, SmtpReply, classify, from_catalogue
+from relay.outbound.classify import Action, Category, Rules, SmtpReply, classify, from_catalogue
 from relay.outbound.dsn import FailedRecipient, build_dsn
 from relay.queue import Job, NewMessage, QueueStore, Settlement, State, new_queue_id
 from relay.queue.pacing import Paced, Pacer
@@ -48,7 +48,8 @@ class Scheduler:
                  max_rcpts: int = 100, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, idle_poll: float = 5.0,
                  pacer: Pacer | None = None, hostname: str = "localhost",
-                 suppressions: SuppressionStore | None = None):
+                 suppressions: SuppressionStore | None = None, rules: Rules | None = None,
+                 soft_limit: int = 5, soft_days: float = 3 * 86400.0):
         self.store = store
         self.deliverer = deliverer
         self.retry = retry
@@ -61,6 +62,9 @@ class Scheduler:
         self.pacer = pacer or Pacer(lambda domain: None)
         self.hostname = hostname
         self.suppressions = suppressions
+        self.rules = rules
+        self.soft_limit = soft_limit
+        self.soft_days = soft_days
         self.metrics: Metrics | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -212,6 +216,28 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - delivery outcome is already durable
             QMGR.exception("cannot record suppression of %s", address)
 
+    async def _soft_bounces(self, soft: list[tuple[str, SmtpReply]], delivered: list[str],
+                            now: float) -> None:
+        """Soft bounces add up: `soft_limit` in a row over at least `soft_days` suppress
+        (reason soft-bounce-limit); a delivery starts the count again."""
+        store = self.suppressions
+        if store is None or not (soft or delivered):
+            return
+        try:
+            for address in delivered:
+                if store.soft_bounces(address) is not None:   # a read first: rarely a write
+                    await asyncio.to_thread(store.clear_soft_bounces, address)
+            for address, reply in soft:
+                count, first = await asyncio.to_thread(store.record_soft_bounce, address, now)
+                if count >= self.soft_limit and now - first >= self.soft_days:
+                    await asyncio.to_thread(store.add, Suppression(
+                        canonical(address), GLOBAL, Reason.SOFT_BOUNCE_LIMIT,
+                        f"{count} soft bounces since {_duration(now - first)} ago; last: "
+                        f"{reply}", now))
+                    QMGR.info("to=<%s>: suppressed after %d soft bounces", address, count)
+        except Exception:  # noqa: BLE001 - delivery outcome is already durable
+            QMGR.exception("cannot record soft bounces")
+
     async def _settle(self, job: Job, results: list[RcptResult]) -> None:
         now = self.clock()
         settlements: list[Settlement] = []
@@ -219,9 +245,18 @@ class Scheduler:
         lines: list[tuple[int, str]] = []
         failed: list[FailedRecipient] = []
         to_suppress: list[tuple[str, SmtpReply]] = []
+        soft: list[tuple[str, SmtpReply]] = []
+        delivered: list[str] = []
         for res in results:
             rcpt, reply = res.recipient, res.reply
-            verdict = classify(reply)
+            verdict = classify(reply, self.rules)
+            if verdict.category is Category.SOFT:
+                soft.append((rcpt.address, reply))
+            elif verdict.category in _WARN and verdict.action is Action.BOUNCE:
+                # Block, content and our own faults are for the admin, never the recipient's.
+                warning = (f"{job.queue_id}: to=<{rcpt.address}>: {verdict.category} refusal, "
+                           f"not suppressed: {reply}")
+                lines.append((logging.WARNING, warning))
             delay = now - job.received_at
             head = (f"{job.queue_id}: to=<{rcpt.address}>, relay={res.relay}, "
                     f"delay={delay:.2f}, dsn={reply.enhanced or _dsn(reply.code)}")
@@ -229,6 +264,7 @@ class Scheduler:
                 settlements.append(Settlement(rcpt.id, State.DELIVERED, now, str(reply)))
                 events.append(Outcome(rcpt.address, "delivered", str(reply),
                                       str(verdict.category)))
+                delivered.append(rcpt.address)
                 lines.append((logging.INFO, f"{head}, status=sent ({reply})"))
             elif verdict.action is Action.BOUNCE:
                 settlements.append(Settlement(rcpt.id, State.BOUNCED, now, str(reply)))
@@ -273,6 +309,7 @@ class Scheduler:
                     self.metrics.delivery_latency.observe(now - job.received_at)
         for address, reply in to_suppress:
             await self._suppress(address, reply, now)
+        await self._soft_bounces(soft, delivered, now)
         if notice is not None:
             BOUNCE.info("%s: sender non-delivery notification: %s", job.queue_id,
                         notice.queue_id)
@@ -294,6 +331,9 @@ class Scheduler:
                           body=body, received_at=now, smtputf8=not job.sender.isascii(),
                           eightbit=not body.isascii(), client="bounce", app=job.app,
                           stream="transactional", meta={"notice_for": job.queue_id})
+
+
+_WARN = (Category.BLOCK, Category.CONTENT, Category.RELAY_SIDE)
 
 
 def suppression_scopes(sender: str) -> tuple[str, ...]:

@@ -50,4 +50,13 @@ class SuppressionStore(Protocol):
 
     def count(self) -> int: ...
 
+    def record_soft_bounce(self, address: str, now: float | None = None) -> tuple[int, float]:
+        """Count one more soft bounce in a row: (count, time of the first)."""
+
+    def clear_soft_bounces(self, address: str) -> bool:
+        """A delivery ends the run of soft bounces. True if there was one."""
+
+    def soft_bounces(self, address: str) -> tuple[int, float, float] | None:
+        """(count, first, last) of the current run of soft bounces, if any."""
+
     def close(self) -> None: ...
