@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Self
 
 from relay.config import Config, ConfigError, default_config_path, load_config
+from relay.events import EventKind, record
 from relay.log import MASTER, ReopenableFileHandler, configure_logging
 from relay.metrics import Metrics
 from relay.outbound import Deliverer
@@ -28,7 +29,7 @@ from relay.outbound.dkim import Signer, load_keys
 from relay.outbound.render import Renderer, UnsubscribeSettings
 from relay.outbound.smarthost import SmarthostDeliverer
 from relay.outbound.verp import Verp
-from relay.policy.unsubscribe import Tokens
+from relay.policy.unsubscribe import TokenData, Tokens
 from relay.queue import QueueStore
 from relay.queue.pacing import Pacer
 from relay.queue.scheduler import Scheduler
@@ -114,10 +115,12 @@ class Relay:
         self.http: HttpListener | None = None
         if cfg.http.listen is not None:
             app = make_app(tokens=self.tokens, store=self.suppressions,
-                           max_body=cfg.http.max_body, metrics=self.metrics)
+                           max_body=cfg.http.max_body, metrics=self.metrics,
+                           on_unsubscribe=self._unsubscribed)
             self.http = HttpListener(app, *cfg.http.listen)
         self._gauges: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
+        self._background: set[asyncio.Task[int]] = set()
         self.smtp_addresses: list[tuple[str, int]] = []
         self.http_address: tuple[str, int] | None = None
         self.running = False
@@ -180,6 +183,14 @@ class Relay:
         self.suppressions.close()
         self._unlock()
         MASTER.info("daemon stopped")
+
+    def _unsubscribed(self, data: TokenData) -> None:
+        """A one-click unsubscribe is an event too (stats, webhooks)."""
+        task = asyncio.get_running_loop().create_task(record(
+            self.store, EventKind.UNSUBSCRIBE, data.recipient, queue_id=data.queue_id,
+            category="unsubscribe", reply="one-click"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _refresh_gauges(self, every: float = 5.0) -> None:
         """Queue size by state for /metrics, read off the store now and then."""

@@ -29,6 +29,7 @@ from aiosmtpd.smtp import SMTP as AioSMTP
 from relay import replies
 from relay.address import canonical, check_mailbox, parse_path
 from relay.config import Config, IPNetwork
+from relay.events import EventKind, record
 from relay.log import CLEANUP, QMGR, SMTPD
 from relay.metrics import Metrics
 from relay.outbound.dkim import DkimMessageError, Signer
@@ -468,6 +469,8 @@ class EdgeHandler:
         entry = Suppression(canonical(data.recipient), data.scope, Reason.UNSUBSCRIBE,
                             "mailto", time.time())
         await asyncio.to_thread(store.add, entry)
+        await record(self.edge.store, EventKind.UNSUBSCRIBE, data.recipient,
+                     queue_id=data.queue_id, category="unsubscribe", reply="mailto")
         SMTPD.info("%s: to=<%s>, scope=%s, status=unsubscribed (mailto, client=%s)",
                    data.queue_id, _printable(data.recipient), data.scope, client_name(session))
 

@@ -144,6 +144,8 @@ async def test_one_click_post_suppresses_and_get_does_not(marketing,
                 assert resp.status == 200
     entry = relay.suppressions.check("reader@example.net")
     assert entry is not None and entry.reason is Reason.UNSUBSCRIBE
+    events = await wait_events(relay, 2)
+    assert ("reader@example.net", "unsubscribe") in [(e[1], e[2]) for e in events]
     # the next message to that address is refused at RCPT, naming the reason
     host, port = relay.smtp_addresses[0]
     async with aiosmtplib.SMTP(hostname=host, port=port) as c:
@@ -209,6 +211,7 @@ async def test_unsubscribe_by_mail(marketing, downstream: Downstream) -> None:
     await send(relay, [address], reply, sender="reader@example.net")
     entry = relay.suppressions.check("reader@example.net")
     assert entry is not None and entry.reason is Reason.UNSUBSCRIBE
+    assert [e[2] for e in await wait_events(relay, 2)] == ["delivered", "unsubscribe"]
     await asyncio.sleep(0.2)
     assert len(downstream.messages) == 1         # the unsubscribe mail was not relayed
     assert await relay.store.list() == []
