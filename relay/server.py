@@ -499,16 +499,19 @@ class EdgeHandler:
         now = time.time()
         app = server.client.app
         default_stream = app.stream if app else policy.cfg.server.default_stream
+        sender_rules = app is not None and bool(app.from_domains or app.require_dkim)
         headers = apply_header_rules(
             content, policy.header_rules, app=app.name if app else None,
-            hostname=policy.cfg.server.hostname, now=now, stream=default_stream)
+            hostname=policy.cfg.server.hostname, now=now, stream=default_stream,
+            parse_from=sender_rules)
         tx = Transaction(server.client, sender=envelope.mail_from,
                          from_addresses=headers.from_addresses, control=headers.control)
         if headers.message is not None and policy.stream_for(tx) != default_stream:
             # X-Relay-Stream overrode the stream: Feedback-ID must name the one in force.
             headers = apply_header_rules(
                 content, policy.header_rules, app=app.name if app else None,
-                hostname=policy.cfg.server.hostname, now=now, stream=policy.stream_for(tx))
+                hostname=policy.cfg.server.hostname, now=now, stream=policy.stream_for(tx),
+                parse_from=sender_rules)
         refusal: Reply | str | None = None
         if headers.message is None:
             refusal = _HEADER_REFUSALS.get(headers.refusal or "", replies.R550_BAD_HEADER)

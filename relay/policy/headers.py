@@ -213,7 +213,8 @@ def _fold_field(raw: bytes, limit: int) -> bytes | None:
 
 def apply_header_rules(message: bytes, rules: HeaderRules, *, app: str | None, hostname: str,
                        now: float, stream: str,
-                       rng: random.Random | None = None) -> HeaderResult:
+                       rng: random.Random | None = None,
+                       parse_from: bool = True) -> HeaderResult:
     """Apply the header policy to a message with CRLF line endings.
 
     `app` is the authenticated (or implicit) application, None when unknown; `hostname` the
@@ -232,7 +233,8 @@ def apply_header_rules(message: bytes, rules: HeaderRules, *, app: str | None, h
         return HeaderResult(None, NO_FROM)
     if len(from_fields) > 1:
         return HeaderResult(None, MULTIPLE_FROM)
-    from_addresses = _from_addresses(from_fields[0].value())
+    # Parsing the From addresses is the costliest step; only sender rules need them.
+    from_addresses = _from_addresses(from_fields[0].value()) if parse_from else []
 
     exact, prefixes = _remove_matcher(rules)
     control_prefix = rules.control_prefix.lower()
