@@ -119,6 +119,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 if e is None:
                     print(f"relay: no message {args.id} in queue", file=sys.stderr)
                     return 1
+                if args.json:
+                    print(json.dumps({
+                        "queue_id": e.queue_id, "sender": e.sender, "size": e.size,
+                        "received_at": e.received_at, "client": e.client,
+                        "headers": e.headers.decode("utf-8", "replace"),
+                        "recipients": [{"address": r.address, "state": r.state.value,
+                                        "attempts": r.attempts, "next_attempt": r.next_attempt,
+                                        "last_reply": r.last_reply} for r in e.recipients],
+                    }, indent=2))
+                    return 0
                 print(f"queue_id: {e.queue_id}\nsender: <{e.sender}>\nsize: {e.size}\n"
                       f"received: {_when(e.received_at)}\nclient: {e.client}")
                 for r in e.recipients:
@@ -469,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--older-than", help="received longer ago than this (30m, 2h, 1d)")
     qsub.add_parser("hold").add_argument("id")
     qsub.add_parser("release").add_argument("id")
-    qsub.add_parser("show").add_argument("id")
+    qs = qsub.add_parser("show")
+    qs.add_argument("id")
+    qs.add_argument("--json", action="store_true")
     qsub.add_parser("flush")
     qsub.add_parser("delete").add_argument("id")
     q.set_defaults(func=cmd_queue)

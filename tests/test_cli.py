@@ -341,3 +341,6 @@ def test_queue_hold_release_and_filters(tmp_path) -> None:
     assert relay("release", "AAA1").returncode == 0
     assert ids(relay("list", "--json", "--state", "queued").stdout) == ["AAA1"]
     assert relay("hold", "NOPE").returncode == 1
+    shown = json.loads(relay("show", "AAA1", "--json").stdout)
+    assert shown["sender"] == "shop@example.com" and shown["headers"] == "Subject: a"
+    assert [r["address"] for r in shown["recipients"]] == ["r@gmail.com"]
