@@ -19,6 +19,16 @@ def _load(path: str | None) -> Config:
     return load_config(path or default_config_path())
 
 
+def _load_or_report(path: str | None) -> Config | None:
+    """The configuration, or None after printing one line per problem to stderr."""
+    try:
+        return _load(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return None
+
+
 def _check_keys(cfg: Config) -> list[str]:
     """[[dkim]] keys must load and [bounces].rules must parse, or the relay won't start."""
     from relay.outbound.classify import Rules, RulesError
@@ -81,11 +91,8 @@ def _when(ts: float) -> str:
 def cmd_queue(args: argparse.Namespace) -> int:
     from relay.queue.sqlite import SQLiteQueueStore
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     if not cfg.queue.path.exists():
         print(f"relay: no queue at {cfg.queue.path}", file=sys.stderr)
@@ -176,11 +183,8 @@ def cmd_suppress(args: argparse.Namespace) -> int:
         suppression_path,
     )
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     now = round(time.time(), 6)  # to the microsecond, as exported: export/import is lossless
     address = getattr(args, "address", "")
@@ -394,11 +398,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """`relay doctor`: check DKIM, SPF, DMARC and MX records of every sending domain."""
     from relay.doctor import run_doctor
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     return run_doctor(cfg, outbound_ips=args.ip or None)
 
@@ -416,11 +417,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         with_app_totals,
     )
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+    cfg = _load_or_report(args.config)
+    if cfg is None:
         return 1
     since: float | None = None
     if args.since != "all":

@@ -36,14 +36,21 @@ def _timestamp(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(created * 1000) % 1000:03d}Z"
 
 
-class PostfixFormatter(logging.Formatter):
+class _RelayFormatter(logging.Formatter):
     def __init__(self, hostname: str):
         super().__init__()
         self.hostname = hostname
         self.pid = os.getpid()
 
+    @staticmethod
+    def component(record: logging.LogRecord) -> str:
+        """relay.smtpd -> smtpd: Postfix's program name after "relay/"."""
+        return record.name.rpartition(".")[2] if record.name.startswith("relay.") else "relay"
+
+
+class PostfixFormatter(_RelayFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        component = record.name.rpartition(".")[2] if record.name.startswith("relay.") else "relay"
+        component = self.component(record)
         msg = record.getMessage()
         if record.levelno >= logging.ERROR and not msg.startswith(("error:", "fatal:")):
             msg = "error: " + msg
@@ -56,14 +63,9 @@ class PostfixFormatter(logging.Formatter):
         return f"{_timestamp(record.created)} {self.hostname} relay/{component}[{self.pid}]: {msg}"
 
 
-class JsonFormatter(logging.Formatter):
-    def __init__(self, hostname: str):
-        super().__init__()
-        self.hostname = hostname
-        self.pid = os.getpid()
-
+class JsonFormatter(_RelayFormatter):
     def format(self, record: logging.LogRecord) -> str:
-        component = record.name.rpartition(".")[2] if record.name.startswith("relay.") else "relay"
+        component = self.component(record)
         doc = {
             "ts": _timestamp(record.created),
             "host": self.hostname,
