@@ -25,13 +25,16 @@ from relay.log import MASTER, ReopenableFileHandler, configure_logging
 from relay.metrics import Metrics
 from relay.outbound import Deliverer
 from relay.outbound.classify import Rules
+from relay.outbound.direct import DirectDeliverer
 from relay.outbound.dkim import Signer, load_keys
+from relay.outbound.mtasts import MtaSts
+from relay.outbound.mx import MxResolver, make_async_resolver
 from relay.outbound.render import Renderer, UnsubscribeSettings
 from relay.outbound.smarthost import SmarthostDeliverer
 from relay.outbound.verp import Verp
 from relay.policy.unsubscribe import TokenData, Tokens
 from relay.queue import QueueStore
-from relay.queue.pacing import Pacer
+from relay.queue.pacing import Pacer, state_path
 from relay.queue.scheduler import Scheduler
 from relay.queue.sqlite import SQLiteQueueStore
 from relay.server import Edge
@@ -75,6 +78,19 @@ def make_renderer(cfg: Config, tokens: Tokens | None, verp: Verp | None = None) 
                     verp=verp)
 
 
+def make_deliverer(cfg: Config, renderer: Renderer, *, clock: Callable[[], float] = time.time,
+                   rng: random.Random | None = None) -> Deliverer:
+    """The smarthost deliverer, or direct delivery to MX hosts ([outbound] mode = "mx")
+    with DNS from [dns].nameservers."""
+    if cfg.outbound.mode != "mx":
+        return SmarthostDeliverer(cfg.outbound, cfg.server.hostname, renderer=renderer)
+    resolver = MxResolver(make_async_resolver(cfg.dns.nameservers), rng=rng)
+    mta_sts = MtaSts(resolver, clock=clock) if cfg.outbound.mta_sts else None
+    return DirectDeliverer(cfg.outbound, cfg.server.hostname, resolver=resolver,
+                           renderer=renderer, mta_sts=mta_sts, clock=clock,
+                           state_file=state_path(cfg.queue.path))
+
+
 class QueueLockedError(RuntimeError):
     """Another relay process holds the queue's lock."""
 
@@ -91,12 +107,15 @@ class Relay:
         self.tokens = make_tokens(cfg)
         self.verp = make_verp(cfg)
         self.renderer = make_renderer(cfg, self.tokens, self.verp)
-        self.deliverer: Deliverer = deliverer or SmarthostDeliverer(
-            cfg.outbound, cfg.server.hostname, renderer=self.renderer)
+        self.deliverer: Deliverer = deliverer or make_deliverer(
+            cfg, self.renderer, clock=clock, rng=rng)
+        # Direct delivery paces by destination itself (MX hosts, throttling): its pacer.
+        pacer = getattr(self.deliverer, "pacer", None)
         self.scheduler = Scheduler(
             self.store, self.deliverer, retry=cfg.queue.retry, lifetime=cfg.queue.lifetime,
             concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
-            pacer=Pacer(cfg.outbound.destination_for), hostname=cfg.server.hostname,
+            pacer=pacer if isinstance(pacer, Pacer) else Pacer(cfg.outbound.destination_for),
+            hostname=cfg.server.hostname,
             suppressions=self.suppressions, rules=Rules.load(cfg.bounces.rules),
             soft_limit=cfg.bounces.soft_limit, soft_days=cfg.bounces.soft_days)
         ingestor = None
@@ -108,9 +127,7 @@ class Relay:
                          tokens=self.tokens, signer=self.renderer.signer, ingestor=ingestor)
         self.webhooks = WebhookSender(self.store, webhook_endpoints(cfg))
         self.metrics = Metrics()
-        self.metrics.watch(sessions=lambda: len(self.edge.sessions),
-                           pool=lambda: {"smarthost": getattr(getattr(
-                               self.deliverer, "pool", None), "open_now", 0)})
+        self.metrics.watch(sessions=lambda: len(self.edge.sessions), pool=self._pool_gauge)
         self.scheduler.metrics = self.edge.metrics = self.renderer.metrics = self.metrics
         self.http: HttpListener | None = None
         if cfg.http.listen is not None:
@@ -183,6 +200,12 @@ class Relay:
         self.suppressions.close()
         self._unlock()
         MASTER.info("daemon stopped")
+
+    def _pool_gauge(self) -> dict[str, int]:
+        per_destination = getattr(self.deliverer, "open_connections", None)
+        if per_destination is not None:
+            return per_destination()
+        return {"smarthost": getattr(getattr(self.deliverer, "pool", None), "open_now", 0)}
 
     def _unsubscribed(self, data: TokenData) -> None:
         """A one-click unsubscribe is an event too (stats, webhooks)."""

@@ -81,6 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, QueueLockedError) as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:
+        print(f"relay: fatal: queue database {cfg.queue.path}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -120,6 +123,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
                         print(f"{'':>28}<{r.address}> {r.state.value}, attempts={r.attempts}"
                               f"{why}")
                 print(f"-- {len(entries)} message(s) in queue")
+                from relay.queue.pacing import describe_states, state_path
+
+                for line in describe_states(state_path(cfg.queue.path)):
+                    print(f"-- destination {line}")
                 return 0
             if args.action == "show":
                 e = await store.get(args.id)

@@ -136,13 +136,34 @@ class QueueConfig:
     group_commit_window: float = 0.002
 
 
+DESTINATION_TLS = ("opportunistic", "required")
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
-    """[outbound.destination."NAME"]: pacing for mail to one domain (and its subdomains)."""
+    """[outbound.destination."NAME"]: pacing and connection settings for one destination.
+
+    Without `mx_suffixes` the entry is about a recipient domain (and its subdomains). With
+    them it is a provider group (mode = "mx"): every domain whose MX hosts are under one of
+    the suffixes shares the entry's pool and rate. A key left out (None) takes its value
+    from [outbound] (`OutboundConfig.effective`).
+    """
 
     name: str
     rate: tuple[float, float] | None = None
     max_connections: int | None = None
+    max_messages_per_connection: int | None = None
+    max_recipients: int | None = None
+    idle_timeout: float | None = None
+    tls: str | None = None                 # "opportunistic" | "required" (mode = "mx")
+    source_address: str | None = None
+    helo_name: str | None = None
+    mx_suffixes: tuple[str, ...] = ()
+
+    def covers_mx(self, host: str) -> bool:
+        """Is the MX host `host` under one of this group's suffixes?"""
+        host = host.lower().rstrip(".")
+        return any(host == s or host.endswith("." + s) for s in self.mx_suffixes)
 
 
 @dataclass(frozen=True)
@@ -161,15 +182,50 @@ class OutboundConfig:
     command_timeout: float = 300.0
     helo_name: str | None = None
     destinations: tuple[DestinationConfig, ...] = ()
+    # mode = "mx" (direct delivery)
+    mx_port: int = 25                     # RFC 5321 4.5.4: 25; another port only for tests
+    max_recipients: int = 100             # per transaction (RFC 5321 4.5.3.1.8: 100 at least)
+    source_address: str | None = None     # local address of outbound connections
+    mta_sts: bool = False                 # RFC 8461 policies fetched and enforced
+    throttle_cooldown: float = 300.0      # a throttled destination recovers one step per this
+    pause_after: int = 5                  # connection failures in a row pause a destination
+    pause_for: float = 300.0              # ... for this long
 
     def destination_for(self, domain: str) -> DestinationConfig | None:
-        """The most specific destination entry for a recipient domain, if any."""
+        """The most specific destination entry for a recipient domain, if any (provider
+        groups, which are chosen by MX host, are not)."""
         best = None
         for dest in self.destinations:
+            if dest.mx_suffixes:
+                continue
             matches = domain == dest.name or domain.endswith("." + dest.name)
             if matches and (best is None or len(dest.name) > len(best.name)):
                 best = dest
         return best
+
+    def group_for(self, mx_hosts: list[str]) -> DestinationConfig | None:
+        """The provider group of a domain whose MX hosts are `mx_hosts` (most preferred
+        first): the first group that covers one of them."""
+        for host in mx_hosts:
+            for dest in self.destinations:
+                if dest.covers_mx(host):
+                    return dest
+        return None
+
+    def effective(self, dest: DestinationConfig) -> DestinationConfig:
+        """`dest` with every key it leaves out taken from [outbound]."""
+        return DestinationConfig(
+            name=dest.name, rate=dest.rate,
+            max_connections=dest.max_connections or self.max_connections,
+            max_messages_per_connection=(dest.max_messages_per_connection
+                                         or self.max_messages_per_connection),
+            max_recipients=dest.max_recipients or self.max_recipients,
+            idle_timeout=dest.idle_timeout if dest.idle_timeout is not None
+            else self.idle_timeout,
+            tls=dest.tls or "opportunistic",
+            source_address=dest.source_address or self.source_address,
+            helo_name=dest.helo_name or self.helo_name,
+            mx_suffixes=dest.mx_suffixes)
 
 
 @dataclass(frozen=True)
@@ -337,6 +393,31 @@ def _str_list(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"expected a port number from 1 to 65535, got {value!r}")
+    return value
+
+
+def _ip_address(value: object) -> str:
+    s = _str(value)
+    try:
+        return str(ipaddress.ip_address(s))
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IP address") from None
+
+
+def _domain_list(value: object) -> tuple[str, ...]:
+    items = _str_list(value)
+    if not items:
+        raise ValueError("needs at least one domain")
+    return tuple(_domain(i.rstrip(".")) for i in items)
+
+
+_MX_ONLY_DESTINATION_KEYS = ("max_messages_per_connection", "max_recipients", "idle_timeout",
+                             "tls", "source_address", "helo_name", "mx_suffixes")
+
+
 def _one_of(*choices: str) -> Callable[[object], str]:
     def convert(value: object) -> str:
         if value not in choices:
@@ -488,9 +569,6 @@ class _Loader:
         smarthost = s.get("smarthost", None, lambda v: parse_hostport(v, 25))
         if mode == "smarthost" and not has_smarthost:
             self.problem("outbound.smarthost", "is required when mode = \"smarthost\"")
-        if mode == "mx":
-            self.problem("outbound.mode", "\"mx\" (direct delivery) is not implemented yet; "
-                         "use \"smarthost\"")
         cfg = OutboundConfig(
             mode=mode,
             smarthost=smarthost,
@@ -506,7 +584,14 @@ class _Loader:
             connect_timeout=s.get("connect_timeout", d.connect_timeout, parse_duration),
             command_timeout=s.get("command_timeout", d.command_timeout, parse_duration),
             helo_name=s.get("helo_name", None, _hostname),
-            destinations=self.destinations(s.table.pop("destination", {})),
+            destinations=self.destinations(s.table.pop("destination", {}), mode),
+            mx_port=s.get("mx_port", d.mx_port, _port),
+            max_recipients=s.get("max_recipients", d.max_recipients, _positive_int),
+            source_address=s.get("source_address", None, _ip_address),
+            mta_sts=s.get("mta_sts", d.mta_sts, _bool),
+            throttle_cooldown=s.get("throttle_cooldown", d.throttle_cooldown, parse_duration),
+            pause_after=s.get("pause_after", d.pause_after, _positive_int),
+            pause_for=s.get("pause_for", d.pause_for, parse_duration),
         )
         if has_user != has_password:
             self.problem("outbound.password_env" if has_user
@@ -518,7 +603,7 @@ class _Loader:
         s.done()
         return cfg
 
-    def destinations(self, raw: object) -> tuple[DestinationConfig, ...]:
+    def destinations(self, raw: object, mode: str) -> tuple[DestinationConfig, ...]:
         if not isinstance(raw, dict):
             self.problem("outbound.destination", "must be a table of tables: "
                          "[outbound.destination.\"gmail.com\"]")
@@ -531,10 +616,25 @@ class _Loader:
             except (TypeError, ValueError) as exc:
                 self.problem(f"outbound.destination.{name!r}", str(exc))
                 continue
+            if mode != "mx":
+                # These act on direct delivery only; accepting them silently would let an
+                # admin believe they do something.
+                for key in _MX_ONLY_DESTINATION_KEYS:
+                    if key in s.table:
+                        s.table.pop(key)
+                        self.problem(s.key(key), "is only used with outbound.mode = \"mx\"")
             out.append(DestinationConfig(
                 name=domain,
                 rate=s.get("rate", None, parse_rate),
                 max_connections=s.get("max_connections", None, _positive_int),
+                max_messages_per_connection=s.get("max_messages_per_connection", None,
+                                                  _positive_int),
+                max_recipients=s.get("max_recipients", None, _positive_int),
+                idle_timeout=s.get("idle_timeout", None, parse_duration),
+                tls=s.get("tls", None, _one_of(*DESTINATION_TLS)),
+                source_address=s.get("source_address", None, _ip_address),
+                helo_name=s.get("helo_name", None, _hostname),
+                mx_suffixes=s.get("mx_suffixes", (), _domain_list),
             ))
             s.done()
         return tuple(out)
@@ -746,6 +846,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{p}: not UTF-8 text"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: TOML syntax error: {exc}"]) from None
+    except RecursionError:   # tomllib recurses once per level of nested arrays/tables
+        raise ConfigError([f"{p}: TOML syntax error: arrays or tables nested too deeply"]) \
+            from None
     return parse_config(data, p)
 
 

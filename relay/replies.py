@@ -37,6 +37,7 @@ R250_QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
 R421_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
 R421_TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 R421_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many unrecognized commands, closing connection")
 R452_BUSY = Reply(452, "4.3.1", "Insufficient system resources, try again later")
 R451_QUEUE_WRITE = Reply(451, "4.3.0", "Error: queue file write error, try again later")
 R451_INTERNAL = Reply(451, "4.3.0", "Error: internal error, try again later")
@@ -99,6 +100,17 @@ R554_NEEDS_8BITMIME = Reply(
     554, "5.6.3", "Next hop does not support 8BITMIME, which this message needs (RFC 6152)")
 R552_NEXT_HOP_SIZE = Reply(
     552, "5.3.4", "Message too big for next hop (its SIZE limit is {limit})")
+# --- direct delivery (mode = "mx"): routing and TLS policy --------------------------------
+R556_NULL_MX = Reply(
+    556, "5.1.10", "Recipient domain {domain} does not accept mail (null MX, RFC 7505)")
+R550_NO_SUCH_DOMAIN = Reply(550, "5.1.2", "Host or domain name not found: {domain} (NXDOMAIN)")
+R550_NO_MAIL_HOST = Reply(550, "5.4.4", "No MX and no address record for {domain}")
+R451_DNS_FAILED = Reply(451, "4.4.3", "DNS lookup failed: {name} {rdtype}: {detail}")
+R451_NO_MX_ADDRESS = Reply(451, "4.4.4", "No MX host of {domain} has an address: {detail}")
+R451_MTA_STS_NO_MX = Reply(
+    451, "4.7.5", "No MX host of {domain} is allowed by its MTA-STS policy (RFC 8461 4.1)")
+R451_SUSPENDED = Reply(
+    451, "4.4.1", "Delivery to {destination} temporarily suspended: {detail}")
 R4XX_EXPIRED = Reply(451, "4.4.7", "Message expired in queue after {lifetime}; last error: {last}")
 
 CATALOGUE: dict[str, Reply] = {
@@ -140,6 +152,9 @@ def with_enhanced_code(line: str) -> str:
 
     Not for 220 greetings, 334 challenges, 354, or EHLO lines: the caller skips those.
     """
+    if line.startswith("502 5.5.1 Too many unrecognized commands"):
+        # aiosmtpd closes the connection after this one: RFC 5321 3.8 wants a 421 then.
+        return str(R421_TOO_MANY_ERRORS)
     if len(line) < 3 or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
         return line
     code = int(line[:3])

@@ -100,12 +100,14 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int) -> tuple[byte
     if too_big or (size_limit and end > size_limit):
         return b"", replies.R552_TOO_BIG
     data = bytes(acc[2:end + 2])         # every line with its CRLF, the final "." excluded
-    if any(len(line) > _MAX_LINE for line in data.split(b"\r\n")):
-        return b"", replies.R554_LINE_TOO_LONG
     # RFC 5321 4.5.2: a line that starts with "." had one added by the client.
     if data.startswith(b"."):
         data = data[1:]
-    return data.replace(b"\r\n.", b"\r\n"), None
+    data = data.replace(b"\r\n.", b"\r\n")
+    # RFC 5321 4.5.3.1.6: the limit does not count the dot added for transparency.
+    if any(len(line) > _MAX_LINE for line in data.split(b"\r\n")):
+        return b"", replies.R554_LINE_TOO_LONG
+    return data, None
 
 
 def has_bare_newline(data: bytes) -> bool:
@@ -171,7 +173,8 @@ class RelaySMTP(AioSMTP):
         return self.implicit_tls or self._tls_protocol is not None
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_ehlo:
+        # The EHLO keyword lines carry no enhanced code (RFC 2034 3); its refusals do.
+        if isinstance(status, str) and not (self._in_ehlo and status.startswith("250")):
             status = replies.with_enhanced_code(status)
             if status[:1] in ("4", "5") and not self.reject_logged and self.session:
                 # Refusals made inside aiosmtpd (syntax, size, sequence) are logged too.
@@ -179,6 +182,14 @@ class RelaySMTP(AioSMTP):
                            client_name(self.session), _printable(status))
         self.reject_logged = False
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's stdlib parser raises IndexError on a lone "<" ("MAIL FROM:<", "VRFY <")
+        # instead of HeaderParseError: that is a syntax error (501), not an internal one.
+        try:
+            return super()._getaddr(arg)
+        except (IndexError, ValueError):
+            return None, None
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True

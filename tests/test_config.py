@@ -109,7 +109,15 @@ BAD = [
     ("smarthost-bad-port", '[outbound]\nsmarthost = "mail.example.net:smtp"\n',
      "outbound.smarthost"),
     ("smarthost-no-host", '[outbound]\nsmarthost = ":25"\n', "outbound.smarthost"),
-    ("mode-mx-not-yet", OUTBOUND + 'mode = "mx"\n', "outbound.mode"),
+    ("mx-port-zero", '[outbound]\nmode = "mx"\nmx_port = 0\n', "outbound.mx_port"),
+    ("mx-source-address-bad", '[outbound]\nmode = "mx"\nsource_address = "eth0"\n',
+     "outbound.source_address"),
+    ("mx-destination-tls-bad", '[outbound]\nmode = "mx"\n[outbound.destination."x.test"]\n'
+     'tls = "always"\n', "outbound.destination.'x.test'.tls"),
+    ("mx-suffixes-bad", '[outbound]\nmode = "mx"\n[outbound.destination."google"]\n'
+     'mx_suffixes = ["google com"]\n', "outbound.destination.'google'.mx_suffixes"),
+    ("mx-key-in-smarthost-mode", OUTBOUND + '[outbound.destination."google"]\n'
+     'mx_suffixes = ["google.com"]\n', "outbound.destination.'google'.mx_suffixes"),
     ("mode-bad", OUTBOUND + 'mode = "direct"\n', "outbound.mode"),
     ("outbound-tls-bad", OUTBOUND + 'tls = "yes"\n', "outbound.tls"),
     ("tls-ca-file-unreadable", OUTBOUND + 'tls_ca_file = "nope.pem"\n', "outbound.tls_ca_file"),

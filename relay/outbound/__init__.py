@@ -17,6 +17,7 @@ class RcptResult:
     reply: SmtpReply
     relay: str = "none"         # "host[ip]:port" of the next hop, as Postfix logs it
     counts: bool = True         # False when the attempt was not the recipient's fault
+    tls: str = ""               # "TLSv1.3:TLS_AES_256_GCM_SHA384" when the session used TLS
 
 
 class Deliverer(Protocol):

@@ -1,4 +1,6 @@
-"""Delivery to one smarthost through a pool of aiosmtplib connections.
+"""Delivery to one smarthost through a pool of aiosmtplib connections, and the SMTP
+transaction code that direct delivery (relay/outbound/direct.py) shares: `deliver_on_pool`
+and `run_transaction`.
 
 The envelope commands are written by hand (`execute_command`), not through aiosmtplib's
 `mail()`/`rcpt()`: those re-parse and re-quote addresses, which turns the null sender into
@@ -25,8 +27,11 @@ from relay.outbound.render import Renderer
 from relay.queue import Job, Recipient
 
 
-class _Stale(Exception):
+class Stale(Exception):
     """A reused connection failed before the server said anything about this message."""
+
+RelayOf = Callable[[Connection], str]
+ConnectError = Callable[[Exception], tuple[SmtpReply, str]]
 
 
 class SmarthostDeliverer:
@@ -98,104 +103,150 @@ class SmarthostDeliverer:
 
     async def _deliver(self, job: Job, rcpts: list[Recipient], sender: str,
                        body: bytes) -> list[RcptResult]:
-        """One transaction; retried once on a fresh connection when a pooled connection
-        turns out to have been closed by the server (not counted)."""
         job = dataclasses.replace(job, recipients=rcpts, sender=sender, body=body)
-        for _ in range(2):
-            try:
-                conn = await self.pool.acquire()
-            except Exception as exc:  # noqa: BLE001 - any connect failure defers
-                return self._all(job, _connect_failure(exc))
-            try:
-                results, reusable = await self._transaction(conn, job)
-            except _Stale:
-                self.pool.release(conn, reusable=False)
-                continue
-            except BaseException:
-                self.pool.release(conn, reusable=False)
-                raise
-            self.pool.release(conn, reusable=reusable)
-            return results
-        return self._all(job, from_catalogue(replies.R451_CONNECTION_LOST,
-                                             detail="connection closed twice"))
+        return await deliver_on_pool(
+            self.pool, job, relay_of=lambda conn: self.relay_name,
+            connect_error=lambda exc: (connect_failure(exc), self.relay_name))
 
-    def _all(self, job: Job, reply: SmtpReply, counts: bool = True) -> list[RcptResult]:
-        return [RcptResult(r, reply, self.relay_name, counts) for r in job.recipients]
 
-    async def _transaction(self, conn: Connection, job: Job) -> tuple[list[RcptResult], bool]:
-        smtp = conn.smtp
-        ext = smtp.esmtp_extensions
-        # RFC 6531 3.4 / RFC 6152 3: never send what the next hop did not offer.
-        if job.smtputf8 and "smtputf8" not in ext:
-            return self._all(job, from_catalogue(replies.R550_NEEDS_SMTPUTF8)), True
-        if job.eightbit and "8bitmime" not in ext:
-            return self._all(job, from_catalogue(replies.R554_NEEDS_8BITMIME)), True
-        limit = ext.get("size", "")
-        if limit.isdigit() and 0 < int(limit) < len(job.body):
-            # RFC 1870 6.1: do not send a message larger than the advertised SIZE.
-            return self._all(job, from_catalogue(replies.R552_NEXT_HOP_SIZE, limit=limit)), True
+def results_for(rcpts: list[Recipient], reply: SmtpReply, relay: str, counts: bool = True,
+                tls: str = "") -> list[RcptResult]:
+    """The same outcome for every recipient of a transaction."""
+    return [RcptResult(r, reply, relay, counts, tls) for r in rcpts]
 
-        params = []
-        if "size" in ext:
-            params.append(b"SIZE=%d" % len(job.body))
-        if job.eightbit:
-            params.append(b"BODY=8BITMIME")
-        if job.smtputf8:
-            params.append(b"SMTPUTF8")
 
-        results: list[RcptResult] = []
-        pending = list(job.recipients)
-        heard = False   # did the server answer anything in this transaction?
+def tls_info(smtp: aiosmtplib.SMTP) -> str:
+    """"TLSv1.3:TLS_AES_256_GCM_SHA384" for a TLS session, "" for plaintext: the `tls=`
+    field of the delivery log line."""
+    transport = smtp.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}:{cipher[0] if cipher else '?'}"
+
+
+async def deliver_on_pool(pool: ConnectionPool, job: Job, *, relay_of: RelayOf,
+                          connect_error: ConnectError,
+                          suitable: Callable[[Connection], bool] | None = None,
+                          ) -> list[RcptResult]:
+    """One transaction for `job` (already rendered: its sender, recipients and body go on
+    the wire as they are) on a connection of `pool`.
+
+    Retried once on a fresh connection when a pooled connection turns out to have been
+    closed by the server (not counted). A pooled connection that `suitable` refuses (made
+    for another recipient domain's policy) is closed and another one taken.
+    `connect_error` turns a failure to connect into the reply and relay name to record."""
+    stale = 0
+    refused = 0
+    while True:
         try:
-            resp = await smtp.execute_command(
-                b"MAIL", b"FROM:<" + job.sender.encode("utf-8") + b">", *params)
-            heard = True
-            if resp.code == 421 and conn.reused:
-                raise _Stale
-            if resp.code != 250:
-                reply = parse_reply(resp.code, resp.message)
-                return self._all(job, reply), await _reset(smtp, resp.code)
-            accepted = []
-            for rcpt in job.recipients:
-                resp = await smtp.execute_command(
-                    b"RCPT", b"TO:<" + rcpt.address.encode("utf-8") + b">")
-                pending.remove(rcpt)
-                if resp.code in (250, 251):
-                    accepted.append(rcpt)
-                    continue
-                results.append(RcptResult(rcpt, parse_reply(resp.code, resp.message),
-                                          self.relay_name))
-                if resp.code == 421:   # the server is closing: the rest are deferred too
-                    for rest in pending:
-                        results.append(RcptResult(rest, parse_reply(resp.code, resp.message),
-                                                  self.relay_name))
-                    return results, False
-            if not accepted:
-                return results, await _reset(smtp, 0)
-            pending = accepted
-            try:
-                resp = await smtp.data(job.body)
-                reply = parse_reply(resp.code, resp.message)
-                reusable = True
-            except aiosmtplib.SMTPDataError as exc:
-                reply = parse_reply(exc.code, exc.message)
-                # A refused DATA command leaves the transaction open on the server: RSET
-                # before the connection carries another (else "503 nested MAIL").
-                reusable = await _reset(smtp, exc.code)
-            results.extend(RcptResult(r, reply, self.relay_name) for r in accepted)
-            return results, reusable
-        except _Stale:
+            conn = await pool.acquire()
+        except Exception as exc:  # noqa: BLE001 - any connect failure defers
+            reply, relay = connect_error(exc)
+            return results_for(job.recipients, reply, relay)
+        if suitable is not None and conn.reused and not suitable(conn) \
+                and refused <= pool.max_connections:
+            refused += 1
+            pool.release(conn, reusable=False)
+            continue
+        relay = relay_of(conn)
+        try:
+            results, reusable = await run_transaction(conn, job, relay, tls_info(conn.smtp))
+        except Stale:
+            pool.release(conn, reusable=False)
+            stale += 1
+            if stale < 2:
+                continue
+            return results_for(job.recipients, from_catalogue(
+                replies.R451_CONNECTION_LOST, detail="connection closed twice"), relay)
+        except BaseException:
+            pool.release(conn, reusable=False)
             raise
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            if conn.reused and not heard:
-                raise _Stale from exc
-            reply = from_catalogue(replies.R451_CONNECTION_LOST, detail=_why(exc))
-        except (TimeoutError, aiosmtplib.SMTPTimeoutError) as exc:
-            reply = from_catalogue(replies.R451_TIMEOUT, detail=_why(exc))
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            reply = from_catalogue(replies.R451_CONNECTION_LOST, detail=_why(exc))
-        results.extend(RcptResult(r, reply, self.relay_name) for r in pending)
-        return results, False
+        pool.release(conn, reusable=reusable)
+        return results
+
+
+async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
+                          ) -> tuple[list[RcptResult], bool]:
+    """MAIL, RCPT per recipient, DATA on an open session: one result per recipient, and
+    whether the connection can carry another transaction. Raises `Stale` when a reused
+    connection turns out dead before the server said anything."""
+    smtp = conn.smtp
+    ext = smtp.esmtp_extensions
+
+    def every(reply: SmtpReply) -> list[RcptResult]:
+        return results_for(job.recipients, reply, relay, tls=tls)
+
+    # RFC 6531 3.4 / RFC 6152 3: never send what the next hop did not offer.
+    if job.smtputf8 and "smtputf8" not in ext:
+        return every(from_catalogue(replies.R550_NEEDS_SMTPUTF8)), True
+    if job.eightbit and "8bitmime" not in ext:
+        return every(from_catalogue(replies.R554_NEEDS_8BITMIME)), True
+    limit = ext.get("size", "")
+    if limit.isdigit() and 0 < int(limit) < len(job.body):
+        # RFC 1870 6.1: do not send a message larger than the advertised SIZE.
+        return every(from_catalogue(replies.R552_NEXT_HOP_SIZE, limit=limit)), True
+
+    params = []
+    if "size" in ext:
+        params.append(b"SIZE=%d" % len(job.body))
+    if job.eightbit:
+        params.append(b"BODY=8BITMIME")
+    if job.smtputf8:
+        params.append(b"SMTPUTF8")
+
+    results: list[RcptResult] = []
+    pending = list(job.recipients)
+    heard = False   # did the server answer anything in this transaction?
+    try:
+        resp = await smtp.execute_command(
+            b"MAIL", b"FROM:<" + job.sender.encode("utf-8") + b">", *params)
+        heard = True
+        if resp.code == 421 and conn.reused:
+            raise Stale
+        if resp.code != 250:
+            reply = parse_reply(resp.code, resp.message)
+            return every(reply), await _reset(smtp, resp.code)
+        accepted = []
+        for rcpt in job.recipients:
+            resp = await smtp.execute_command(
+                b"RCPT", b"TO:<" + rcpt.address.encode("utf-8") + b">")
+            pending.remove(rcpt)
+            if resp.code in (250, 251):
+                accepted.append(rcpt)
+                continue
+            reply = parse_reply(resp.code, resp.message)
+            results.append(RcptResult(rcpt, reply, relay, tls=tls))
+            if resp.code == 421:   # the server is closing: the rest are deferred too
+                results.extend(results_for(pending, reply, relay, tls=tls))
+                return results, False
+        if not accepted:
+            return results, await _reset(smtp, 0)
+        pending = accepted
+        try:
+            resp = await smtp.data(job.body)
+            reply = parse_reply(resp.code, resp.message)
+            reusable = True
+        except aiosmtplib.SMTPDataError as exc:
+            reply = parse_reply(exc.code, exc.message)
+            # A refused DATA command leaves the transaction open on the server: RSET
+            # before the connection carries another (else "503 nested MAIL").
+            reusable = await _reset(smtp, exc.code)
+        results.extend(results_for(accepted, reply, relay, tls=tls))
+        return results, reusable
+    except Stale:
+        raise
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        if conn.reused and not heard:
+            raise Stale from exc
+        reply = from_catalogue(replies.R451_CONNECTION_LOST, detail=why(exc))
+    except (TimeoutError, aiosmtplib.SMTPTimeoutError) as exc:
+        reply = from_catalogue(replies.R451_TIMEOUT, detail=why(exc))
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        reply = from_catalogue(replies.R451_CONNECTION_LOST, detail=why(exc))
+    results.extend(results_for(pending, reply, relay, tls=tls))
+    return results, False
 
 
 async def _reset(smtp: aiosmtplib.SMTP, code: int) -> bool:
@@ -209,19 +260,21 @@ async def _reset(smtp: aiosmtplib.SMTP, code: int) -> bool:
     return resp.code == 250
 
 
-def _why(exc: BaseException) -> str:
+def why(exc: BaseException) -> str:
+    """An exception as one line for a reply text."""
     text = str(exc).replace("\r", " ").replace("\n", " ").strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _connect_failure(exc: BaseException) -> SmtpReply:
+def connect_failure(exc: BaseException) -> SmtpReply:
+    """The reply recorded when no session could be opened (never a permanent one)."""
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return from_catalogue(replies.R451_AUTH_FAILED, detail=_why(exc))
+        return from_catalogue(replies.R451_AUTH_FAILED, detail=why(exc))
     if isinstance(exc, aiosmtplib.SMTPConnectResponseError):
         # A 4xx/5xx greeting: RFC 5321 3.1 - treat as transient for the message.
-        return from_catalogue(replies.R451_CONNECT_FAILED, detail=_why(exc))
+        return from_catalogue(replies.R451_CONNECT_FAILED, detail=why(exc))
     if isinstance(exc, ssl.SSLError) or "TLS" in type(exc).__name__ or "tls" in str(exc).lower():
-        return from_catalogue(replies.R451_TLS_FAILED, detail=_why(exc))
+        return from_catalogue(replies.R451_TLS_FAILED, detail=why(exc))
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError)):
-        return from_catalogue(replies.R451_TIMEOUT, detail=_why(exc))
-    return from_catalogue(replies.R451_CONNECT_FAILED, detail=_why(exc))
+        return from_catalogue(replies.R451_TIMEOUT, detail=why(exc))
+    return from_catalogue(replies.R451_CONNECT_FAILED, detail=why(exc))

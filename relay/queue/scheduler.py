@@ -247,9 +247,12 @@ class Scheduler:
         to_suppress: list[tuple[str, SmtpReply]] = []
         soft: list[tuple[str, SmtpReply]] = []
         delivered: list[str] = []
+        throttle: SmtpReply | None = None
         for res in results:
             rcpt, reply = res.recipient, res.reply
             verdict = classify(reply, self.rules)
+            if verdict.throttle and throttle is None:
+                throttle = reply
             if verdict.category is Category.SOFT:
                 soft.append((rcpt.address, reply))
             elif verdict.category in _WARN and verdict.action is Action.BOUNCE:
@@ -260,12 +263,14 @@ class Scheduler:
             delay = now - job.received_at
             head = (f"{job.queue_id}: to=<{rcpt.address}>, relay={res.relay}, "
                     f"delay={delay:.2f}, dsn={reply.enhanced or _dsn(reply.code)}")
+            # After the reply, where pflogsumm's "status=(\S+)(.*)" does not mind it.
+            tls = f", tls={res.tls}" if res.tls else ""
             if verdict.action is Action.DELIVERED:
                 settlements.append(Settlement(rcpt.id, State.DELIVERED, now, str(reply)))
                 events.append(Outcome(rcpt.address, "delivered", str(reply),
                                       str(verdict.category)))
                 delivered.append(rcpt.address)
-                lines.append((logging.INFO, f"{head}, status=sent ({reply})"))
+                lines.append((logging.INFO, f"{head}, status=sent ({reply}){tls}"))
             elif verdict.action is Action.BOUNCE:
                 settlements.append(Settlement(rcpt.id, State.BOUNCED, now, str(reply)))
                 events.append(Outcome(rcpt.address, "bounced", str(reply),
@@ -292,14 +297,27 @@ class Scheduler:
                 events.append(Outcome(rcpt.address, "deferred", str(reply),
                                       str(verdict.category)))
                 lines.append((logging.INFO, f"{head}, status=deferred ({reply})"))
+        hook = getattr(self.deliverer, "throttled", None)
+        if throttle is not None and hook is not None:
+            hook(job, throttle)   # the classifier's rate-limited signal, to the destination
         notice = self._notice(job, failed, now) if failed else None
-        try:
-            removed = await self.store.settle(job.queue_id, settlements, events, notice,
-                                              app=job.app, campaign=job.meta.get("campaign"))
-        except Exception:  # noqa: BLE001 - the lease stays; see below
-            # The lease stays; recover() at the next start retries these recipients.
-            QMGR.exception("%s: cannot record delivery outcome", job.queue_id)
-            return
+        # The outcome is known: a store fault (locked, full) is retried with backoff rather
+        # than leaving the lease, which would hold the message until the next start and
+        # deliver it a second time then.
+        delay, give_up = 0.25, time.monotonic() + 600.0
+        while True:
+            try:
+                removed = await self.store.settle(
+                    job.queue_id, settlements, events, notice,
+                    app=job.app, campaign=job.meta.get("campaign"))
+                break
+            except Exception:  # noqa: BLE001 - retried; the lease stays meanwhile
+                QMGR.exception("%s: cannot record delivery outcome; retrying in %.2fs",
+                               job.queue_id, delay)
+                if self._stopping or time.monotonic() + delay > give_up:
+                    return   # the lease stays; recover() at the next start retries
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         for level, line in lines:
             SMTP.log(level, line)
         if self.metrics is not None:
