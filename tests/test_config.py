@@ -112,10 +112,10 @@ BAD = [
     ("mx-port-zero", '[outbound]\nmode = "mx"\nmx_port = 0\n', "outbound.mx_port"),
     ("mx-source-address-bad", '[outbound]\nmode = "mx"\nsource_address = "eth0"\n',
      "outbound.source_address"),
-    ("mx-destination-tls-bad", '[outbound]\nmode = "mx"\n[outbound.destination."x.test"]\n'
-     'tls = "always"\n', "outbound.destination.'x.test'.tls"),
-    ("mx-suffixes-bad", '[outbound]\nmode = "mx"\n[outbound.destination."google"]\n'
-     'mx_suffixes = ["google com"]\n', "outbound.destination.'google'.mx_suffixes"),
+    ("mx-destination-tls-bad", ('[outbound]\nmode = "mx"\n[outbound.destination."x.test"]\n'
+     'tls = "always"\n'), "outbound.destination.'x.test'.tls"),
+    ("mx-suffixes-bad", ('[outbound]\nmode = "mx"\n[outbound.destination."google"]\n'
+     'mx_suffixes = ["google com"]\n'), "outbound.destination.'google'.mx_suffixes"),
     ("mx-key-in-smarthost-mode", OUTBOUND + '[outbound.destination."google"]\n'
      'mx_suffixes = ["google.com"]\n', "outbound.destination.'google'.mx_suffixes"),
     ("mode-bad", OUTBOUND + 'mode = "direct"\n', "outbound.mode"),
