@@ -38,6 +38,7 @@ from relay.outbound.mx import MxResolver
 MAX_AGE_LIMIT = 31557600        # RFC 8461 3.2: max_age is at most one year
 MAX_POLICY_SIZE = 64 * 1024     # RFC 8461 3.3: senders may limit the body to 64 KiB
 RETRY_FAILED_FETCH = 300.0      # a failed fetch is not tried again for every message
+MAX_CACHED = 100_000            # policies kept at most
 
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _MX_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
@@ -200,12 +201,21 @@ class MtaSts:
         try:
             policy = parse_policy(await self.fetch(domain))
         except Exception as exc:  # noqa: BLE001 - RFC 8461 3.3: any failure is no policy
-            self._failed[(domain, policy_id)] = self.clock() + RETRY_FAILED_FETCH
+            now = self.clock()
+            if len(self._failed) >= MAX_CACHED:
+                self._failed = {k: t for k, t in self._failed.items() if t > now}
+            self._failed[(domain, policy_id)] = now + RETRY_FAILED_FETCH
             SMTP.warning("%s: MTA-STS policy (id %s) cannot be fetched: %s: %s", domain,
                          policy_id, type(exc).__name__, exc)
             return None
         policy = replace(policy, id=policy_id)
-        self._cache[domain] = _Cached(policy, self.clock() + policy.max_age)
+        now = self.clock()
+        if len(self._cache) >= MAX_CACHED:   # bounded: expired ones go first, then the oldest
+            for old in [d for d, c in self._cache.items() if c.expires <= now]:
+                del self._cache[old]
+            for old in list(self._cache)[:max(0, len(self._cache) - MAX_CACHED // 2)]:
+                del self._cache[old]
+        self._cache[domain] = _Cached(policy, now + policy.max_age)
         SMTP.info("%s: MTA-STS policy id %s: mode %s, mx %s, max_age %d", domain, policy_id,
                   policy.mode, ",".join(policy.mx) or "-", policy.max_age)
         return policy

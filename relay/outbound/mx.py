@@ -93,7 +93,8 @@ class MxResolver:
     def __init__(self, resolver: dns.asyncresolver.Resolver, *,
                  clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None, negative_ttl: float = 60.0,
-                 error_ttl: float = 2.0, max_ttl: float = 86400.0, max_hosts: int = 10):
+                 error_ttl: float = 2.0, max_ttl: float = 86400.0, max_hosts: int = 10,
+                 max_entries: int = 100_000):
         self.resolver = resolver
         self.clock = clock
         self.rng = rng or random.Random()
@@ -101,6 +102,7 @@ class MxResolver:
         self.error_ttl = error_ttl
         self.max_ttl = max_ttl
         self.max_hosts = max_hosts    # MX hosts looked at, at most (a bound on the work)
+        self.max_entries = max_entries
         self._cache: dict[tuple[str, str], Answer] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[Answer]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -242,8 +244,19 @@ class MxResolver:
             else:
                 records = tuple(r.to_text() for r in answer)
             result = Answer("ok", records, now + ttl)
-        self._cache[(name, rdtype)] = result
+        self._store((name, rdtype), result)
         return result
+
+    def _store(self, key: tuple[str, str], answer: Answer) -> None:
+        """Cache an answer; past `max_entries`, expired ones go, then the oldest half."""
+        if len(self._cache) >= self.max_entries:
+            now = self.clock()
+            for old in [k for k, a in self._cache.items() if a.expires <= now]:
+                del self._cache[old]
+            if len(self._cache) >= self.max_entries:
+                for old in list(self._cache)[:len(self._cache) // 2]:
+                    del self._cache[old]
+        self._cache[key] = answer
 
     def prefetch(self, domain: str) -> None:
         """Start looking up `domain`'s route in the background (for `cached`)."""

@@ -138,16 +138,14 @@ async def deliver_on_pool(pool: ConnectionPool, job: Job, *, relay_of: RelayOf,
     for another recipient domain's policy) is closed and another one taken.
     `connect_error` turns a failure to connect into the reply and relay name to record."""
     stale = 0
-    refused = 0
     while True:
         try:
             conn = await pool.acquire()
         except Exception as exc:  # noqa: BLE001 - any connect failure defers
             reply, relay = connect_error(exc)
             return results_for(job.recipients, reply, relay)
-        if suitable is not None and conn.reused and not suitable(conn) \
-                and refused <= pool.max_connections:
-            refused += 1
+        if suitable is not None and conn.reused and not suitable(conn):
+            # Closed, not kept: the idle ones run out, then a fresh one is opened.
             pool.release(conn, reusable=False)
             continue
         relay = relay_of(conn)

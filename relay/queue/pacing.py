@@ -180,7 +180,7 @@ class Pacer:
         for rcpt in job.recipients:
             domain = domain_of(rcpt.address)
             if self.split_by_domain:
-                key: str | None = domain
+                key: str | None = domain.lower()
             else:
                 dest = self.destination_for(domain)
                 key = dest.name if isinstance(dest, DestinationConfig) else None
