@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from relay.config import Config
+from relay.dnsconf import configured
 from relay.outbound.dkim import DkimKey, DkimKeyError, Signer
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -84,15 +85,7 @@ def make_resolver(nameservers: tuple[tuple[str, int], ...] | list[tuple[str, int
                   lifetime: float = 5.0) -> dns.resolver.Resolver:
     """A dnspython resolver asking exactly `nameservers` ((host, port) pairs), or the
     system's resolver (/etc/resolv.conf) when there are none."""
-    if not nameservers:
-        res = dns.resolver.Resolver()
-    else:
-        res = dns.resolver.Resolver(configure=False)
-        res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
-                           for host, port in nameservers]
-    res.lifetime = lifetime
-    res.timeout = lifetime
-    return res
+    return configured(dns.resolver.Resolver, nameservers, lifetime)
 
 
 # --- pyspf over our resolver -------------------------------------------------------------

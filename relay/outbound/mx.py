@@ -31,6 +31,7 @@ import dns.rdatatype
 import dns.resolver
 
 from relay import replies
+from relay.dnsconf import configured
 from relay.outbound.classify import SmtpReply, from_catalogue
 
 
@@ -68,15 +69,7 @@ def make_async_resolver(nameservers: Sequence[tuple[str, int]],
                         lifetime: float = 10.0) -> dns.asyncresolver.Resolver:
     """An async dnspython resolver asking exactly `nameservers` ((host, port) pairs, from
     [dns].nameservers), or the system's (/etc/resolv.conf) when there are none."""
-    if not nameservers:
-        res = dns.asyncresolver.Resolver()
-    else:
-        res = dns.asyncresolver.Resolver(configure=False)
-        res.nameservers = [dns.nameserver.Do53Nameserver(host, port)
-                           for host, port in nameservers]
-    res.lifetime = lifetime
-    res.timeout = lifetime
-    return res
+    return configured(dns.asyncresolver.Resolver, nameservers, lifetime)
 
 
 @dataclass
