@@ -157,6 +157,19 @@ postlog   unix-dgram n - n - 1 postlogd
 POSTFIX_EXE_DIRS = ("/usr/lib/postfix/", "/usr/libexec/postfix/", "/usr/sbin/post")
 
 
+def relay_revision() -> str:
+    """The commit the relay runs from, "+dirty" when relay/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--",
+                                "relay"], capture_output=True, text=True, timeout=10,
+                               check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -978,8 +991,10 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     root = Path(tempfile.mkdtemp(prefix="relay-compare-"))
     root.chmod(0o755)  # Postfix daemons (user postfix) reach their queue through it
-    report: dict[str, Any] = {"args": vars(args), "nofile": nofile, "started": time.time()}
-    log(f"relay vs Postfix: temp dir {root}, RLIMIT_NOFILE {nofile[0]}")
+    report: dict[str, Any] = {"args": vars(args), "nofile": nofile, "started": time.time(),
+                              "relay_revision": relay_revision()}
+    log(f"relay vs Postfix: relay {report['relay_revision']}, temp dir {root}, "
+        f"RLIMIT_NOFILE {nofile[0]}")
     try:
         setup = RelaySetup(root, args)
         if not args.no_verify:
@@ -1003,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(pf_error)
             log(f"rows: Postfix {report.get('postfix_version', '-')} and relay (DKIM "
                 "RSA-2048 + List-Unsubscribe)")
+            print(f"relay {report['relay_revision']} (DKIM RSA-2048, List-Unsubscribe) vs "
+                  f"Postfix {report.get('postfix_version', '-')}", flush=True)
             table = run_rows(args, root, setup, pf_bin, pf_error)
             report["rows"] = table
             print_rows(table, args.repeat)
@@ -1038,6 +1055,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         report["finished"] = time.time()
+        report["relay_revision_at_end"] = relay_revision()
+        if report["relay_revision_at_end"] != report["relay_revision"]:
+            log(f"note: relay/ changed during the run: {report['relay_revision']} -> "
+                f"{report['relay_revision_at_end']}")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(report, indent=1, default=str))
         if args.keep:
