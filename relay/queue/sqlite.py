@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients(queue_id);
 CREATE INDEX IF NOT EXISTS recipients_active ON recipients(state) WHERE state = 'active';
+CREATE INDEX IF NOT EXISTS recipients_held ON recipients(state) WHERE state = 'held';
 CREATE TABLE IF NOT EXISTS events (
     id        INTEGER PRIMARY KEY,
     ts        REAL NOT NULL,
@@ -181,6 +182,10 @@ class SQLiteQueueStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._writer: _Writer | None = None
+        # Reads that may take long on a big queue (the gauges' counts) use their own
+        # connection on a worker thread: WAL readers never hold up the writer's commits.
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
     # -- plumbing --
 
@@ -199,6 +204,27 @@ class SQLiteQueueStore:
             return
         writer.inbox.put(_STOP)
         await asyncio.to_thread(writer.join)
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only `fn` on the reader connection, off the loop and off the writer."""
+        if self._writer is None:
+            raise RuntimeError("queue store is not open")
+
+        def work() -> T:
+            with self._reader_lock:
+                if self._reader is None:
+                    conn = sqlite3.connect(self.path, isolation_level=None,
+                                           check_same_thread=False)
+                    conn.execute("PRAGMA query_only=ON")
+                    conn.execute("PRAGMA busy_timeout=5000")
+                    self._reader = conn
+                return fn(self._reader)
+
+        return await asyncio.to_thread(work)
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._writer is None:
@@ -371,12 +397,20 @@ class SQLiteQueueStore:
         return await self._run(work)
 
     async def counts(self) -> dict[str, int]:
+        """Recipients by state. Each count walks its own partial index (a scan of the whole
+        table took 270 ms at a million queued, every 5 s, and held up every commit while the
+        writer thread ran it); on the reader connection, so commits go on meanwhile."""
         def work(conn: sqlite3.Connection) -> dict[str, int]:
-            return dict(conn.execute(
-                "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued','active','held')"
-                " GROUP BY state").fetchall())
+            counts = {}
+            for state in ("queued", "active", "held"):
+                # A literal, not a parameter: only then may the planner use the partial index.
+                n = conn.execute(f"SELECT COUNT(*) FROM recipients WHERE state = '{state}'"
+                                 ).fetchone()[0]
+                if n:
+                    counts[state] = n
+            return counts
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def events(self, queue_id: str | None = None) -> list[tuple[str, str, str, str]]:
         """(queue_id, recipient, event, reply) rows, oldest first."""
