@@ -690,3 +690,68 @@ async def test_loopback_dns_nxdomain_nodata_and_cname() -> None:
         # The async twin works in the serving loop itself.
         answer = await async_resolver(server.port).resolve("mx.example.com", "A")
         assert [r.address for r in answer] == ["192.0.2.25"]
+
+
+# --- the signing thread and the From fast path (issue 9) -------------------------------------
+
+async def test_sign_async_gives_the_same_bytes_as_sign(keys: Keys, dns_server: LoopbackDNS,
+                                                      tmp_path: Path) -> None:
+    # RSA PKCS#1 v1.5 and Ed25519 are deterministic: same clock, same bytes.
+    signer = Signer([keys.rsa, keys.ed], clock=lambda: T0)
+    for message in (SIMPLE, UTF8, LONG, WHITESPACE, EMPTY_BODY, MULTIPART):
+        threaded = await signer.sign_async(message)
+        assert threaded == signer.sign(message)
+    # Many at once from the loop (the thread pool serves them all, none mixed up).
+    messages = [SIMPLE.replace(b"Subject: ", b"Subject: %d " % i) for i in range(40)]
+    many = await asyncio.gather(*(signer.sign_async(m) for m in messages))
+    assert many == [signer.sign(m) for m in messages]
+    await assert_verifies(many[7], dns_server.port, tmp_path, 2)
+    # No key for the From domain: unchanged (normalised); unsignable: the same error.
+    assert await Signer([keys.rsa]).sign_async(b"From: a@nokey.test\n\nx\n") == \
+        b"From: a@nokey.test\r\n\r\nx\r\n"
+    with pytest.raises(DkimMessageError):
+        await Signer([keys.rsa], fallback={"*": "example.com"}).sign_async(
+            b" folded first\r\nFrom: a@example.com\r\n\r\nx\r\n")
+
+
+FROM_VALUES = [
+    b" news@example.com", b" <news@example.com>", b" News <news@Example.COM>",
+    b' "News, Inc." <news@example.com>', b' "Bob \\"B\\"" <bob@example.com>',
+    b" Bob.Smith <bob@example.com>", b" a@b.example, c@d.example",
+    b" evil@attacker.example <news@example.com>", b" <evil@attacker.example>news@example.com",
+    b" news@example.com (Newsletter)", b" (comment) news@example.com",
+    b" Group: news@example.com;", b" <@route.example:news@example.com>",
+    b" news@[192.0.2.1]", b" news@example.com.", b" news@ex_ample.com", b" news@-x.example",
+    b" news@", b" @example.com", b" news", b"", b" ", b" <>", b" N\xc3\xa4me <n@example.com>",
+    b" news@b\xc3\xbccher.example", b' "quoted local"@example.com',
+    b" =?utf-8?q?News?= <news@example.com>", b" News <news@example.com> trailing",
+    b" News\r\n <news@example.com>", b" News <news@example.com>\r\n extra",
+    b"\tNews <news@example.com>", b" News <news@example.com> ", b" a..b@example.com",
+    b" .a@example.com", b" news@example..com", b" News <news@example.com>>",
+    b" News <<news@example.com>", b" <a@b.example> <c@d.example>",
+]
+
+
+@pytest.mark.parametrize("value", FROM_VALUES)
+def test_from_domain_fast_path_equals_getaddresses(value: bytes) -> None:
+    from relay.outbound.dkim import _from_domain, _from_domain_slow
+
+    field = value + b"\r\n"
+    assert _from_domain([[b"From", field]]) == _from_domain_slow(field)
+
+
+def test_from_domain_fast_path_equals_getaddresses_on_corpus() -> None:
+    from relay.outbound.dkim import _from_domain, _from_domain_slow, _split
+
+    seen = 0
+    for path in corpus():
+        message = normalize_line_endings(path.read_bytes())
+        try:
+            headers, _ = _split(message)
+        except DkimMessageError:
+            continue
+        for name, value in headers:
+            if name.lower() == b"from":
+                assert _from_domain([[name, value]]) == _from_domain_slow(value), path.name
+                seen += 1
+    assert seen >= 30
