@@ -180,7 +180,8 @@ class DirectDeliverer:
         by_domain: dict[str, list[Recipient]] = {}
         for rcpt in job.recipients:
             by_domain.setdefault(domain_of(rcpt.address).lower(), []).append(rcpt)
-        shared = None if self.renderer.per_recipient(job) else self.renderer.render(job, None)
+        shared = (None if self.renderer.per_recipient(job)
+                  else await self.renderer.render_async(job, None))
         results: list[RcptResult] = []
         for domain, rcpts in by_domain.items():
             results += await self._deliver_domain(job, domain, rcpts, shared)
@@ -203,7 +204,7 @@ class DirectDeliverer:
         if isinstance(target, SmtpReply):
             return results_for(rcpts, target, "none")
         if shared is None:   # each recipient its own copy (List-Unsubscribe, VERP)
-            copies = [(self.renderer.sender(job, r), [r], self.renderer.render(job, r))
+            copies = [(self.renderer.sender(job, r), [r], await self.renderer.render_async(job, r))
                       for r in rcpts]
         else:
             size = dest.max_recipients or len(rcpts)
