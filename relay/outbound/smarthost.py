@@ -6,6 +6,10 @@ The envelope commands are written by hand (`execute_command`), not through aiosm
 `mail()`/`rcpt()`: those re-parse and re-quote addresses, which turns the null sender into
 `<<>>` and may unquote local parts. The edge has already validated every address, so the
 bytes we send are the bytes the client gave us (RFC 5321 4.1.2, 4.5.5).
+
+When the next hop advertises PIPELINING (RFC 2920), MAIL, every RCPT and DATA leave in one
+write and their replies are read in order (relay/outbound/pipelining.py): one round trip
+instead of two plus one per recipient, with the same outcomes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from relay import replies
 from relay.config import OutboundConfig
 from relay.outbound import RcptResult
 from relay.outbound.classify import SmtpReply, from_catalogue, parse_reply
+from relay.outbound.pipelining import Pipeline
 from relay.outbound.pool import Connection, ConnectionPool
 from relay.outbound.render import Renderer
 from relay.queue import Job, Recipient
@@ -194,7 +199,13 @@ async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
     if job.smtputf8:
         params.append(b"SMTPUTF8")
 
+    mail = b" ".join([b"MAIL", b"FROM:<" + job.sender.encode("utf-8") + b">", *params])
+    if smtp.supports_extension("pipelining"):
+        return await _pipelined(conn, job, relay, tls, mail)
+
     results: list[RcptResult] = []
+    # No outcome yet: accepted recipients stay here until the message's outcome, so a
+    # failure after their RCPT (421, drop, timeout) defers them too, never leaves them out.
     pending = list(job.recipients)
     heard = False   # did the server answer anything in this transaction?
     try:
@@ -210,10 +221,10 @@ async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
         for rcpt in job.recipients:
             resp = await smtp.execute_command(
                 b"RCPT", b"TO:<" + rcpt.address.encode("utf-8") + b">")
-            pending.remove(rcpt)
             if resp.code in (250, 251):
                 accepted.append(rcpt)
                 continue
+            pending.remove(rcpt)
             reply = parse_reply(resp.code, resp.message)
             results.append(RcptResult(rcpt, reply, relay, tls=tls))
             if resp.code == 421:   # the server is closing: the rest are deferred too
@@ -221,7 +232,6 @@ async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
                 return results, False
         if not accepted:
             return results, await _reset(smtp, 0)
-        pending = accepted
         try:
             resp = await smtp.data(job.body)
             reply = parse_reply(resp.code, resp.message)
@@ -233,18 +243,103 @@ async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
             reusable = await _reset(smtp, exc.code)
         results.extend(results_for(accepted, reply, relay, tls=tls))
         return results, reusable
-    except Stale:
-        raise
-    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-        if conn.reused and not heard:
-            raise Stale from exc
-        reply = from_catalogue(replies.R451_CONNECTION_LOST, detail=why(exc))
-    except (TimeoutError, aiosmtplib.SMTPTimeoutError) as exc:
-        reply = from_catalogue(replies.R451_TIMEOUT, detail=why(exc))
     except (aiosmtplib.SMTPException, OSError) as exc:
-        reply = from_catalogue(replies.R451_CONNECTION_LOST, detail=why(exc))
+        reply = _interrupted(exc, conn, heard)
     results.extend(results_for(pending, reply, relay, tls=tls))
     return results, False
+
+
+async def _pipelined(conn: Connection, job: Job, relay: str, tls: str, mail: bytes,
+                     ) -> tuple[list[RcptResult], bool]:
+    """`run_transaction` on a session that advertised PIPELINING: MAIL, every RCPT and
+    DATA go out as one group (RFC 2920 3.1: DATA last), their replies are read in order,
+    then the body after a 354. Outcomes are those of the one-command-at-a-time code."""
+    smtp = conn.smtp
+    group = Pipeline(smtp)
+    results: list[RcptResult] = []
+    pending = list(job.recipients)   # no outcome yet
+    heard = False
+    try:
+        group.send(mail, *(b"RCPT TO:<" + r.address.encode("utf-8") + b">"
+                           for r in job.recipients), b"DATA")
+        resp = await group.reply()
+        heard = True
+        if resp.code == 421 and conn.reused:
+            raise Stale
+        if resp.code != 250:
+            reply = parse_reply(resp.code, resp.message)
+            return (results_for(job.recipients, reply, relay, tls=tls),
+                    await _drain_and_reset(group, resp.code))
+        accepted = []
+        for rcpt in job.recipients:
+            resp = await group.reply()
+            if resp.code in (250, 251):
+                accepted.append(rcpt)
+                continue
+            pending.remove(rcpt)
+            reply = parse_reply(resp.code, resp.message)
+            results.append(RcptResult(rcpt, reply, relay, tls=tls))
+            if resp.code == 421:   # the server is closing: the rest are deferred too
+                results.extend(results_for(pending, reply, relay, tls=tls))
+                return results, False
+        resp = await group.reply()   # to DATA
+        if not accepted:
+            # RFC 2920 3.1: DATA's reply is checked even so. Refused (503/554), the
+            # transaction is over: RSET. A 354 asks for a message to nobody: hang up
+            # rather than send one.
+            if resp.code == 354:
+                group.close()
+                return results, False
+            return results, group.finish() and await _reset(smtp, resp.code)
+        if resp.code == 354:
+            group.send_body(job.body)
+            resp = await group.reply()
+        in_step = group.finish()
+        reply = parse_reply(resp.code, resp.message)
+        if resp.code == 250:
+            reusable = in_step
+        else:
+            # Refused DATA or message: RSET before the connection carries another (as
+            # run_transaction does).
+            reusable = in_step and await _reset(smtp, resp.code)
+        results.extend(results_for(accepted, reply, relay, tls=tls))
+        return results, reusable
+    except Stale:
+        group.close()
+        raise
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        group.close()
+        reply = _interrupted(exc, conn, heard)
+    results.extend(results_for(pending, reply, relay, tls=tls))
+    return results, False
+
+
+async def _drain_and_reset(group: Pipeline, code: int) -> bool:
+    """After a refused MAIL, read the replies the rest of the group still gets (RFC 2920
+    3.1: 503s), then RSET. False (session closed) when that cannot leave it clean."""
+    if code == 421:
+        return False
+    try:
+        while group.owed:
+            if (await group.reply()).code == 354:   # DATA taken without a sender
+                group.close()
+                return False
+    except (aiosmtplib.SMTPException, OSError):
+        group.close()
+        return False
+    return group.finish() and await _reset(group.smtp, code)
+
+
+def _interrupted(exc: BaseException, conn: Connection, heard: bool) -> SmtpReply:
+    """The reply for the recipients still pending when the session failed mid-transaction.
+    Raises `Stale` for a reused connection that failed before the server said anything."""
+    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError)):
+        if conn.reused and not heard:
+            raise Stale from exc
+        return from_catalogue(replies.R451_CONNECTION_LOST, detail=why(exc))
+    if isinstance(exc, (TimeoutError, aiosmtplib.SMTPTimeoutError)):
+        return from_catalogue(replies.R451_TIMEOUT, detail=why(exc))
+    return from_catalogue(replies.R451_CONNECTION_LOST, detail=why(exc))
 
 
 async def _reset(smtp: aiosmtplib.SMTP, code: int) -> bool:

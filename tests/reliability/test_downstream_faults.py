@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
 from relay.app import Relay
 from relay.queue import State
@@ -178,12 +179,15 @@ def section(tmp_path: Path, name: str) -> dict[str, dict[str, object]]:
             "suppression": {"path": str(tmp_path / f"{name}-suppression.db")}}
 
 
+@pytest.mark.parametrize("ehlo_extra", [[], ["PIPELINING"]], ids=["one-by-one", "pipelined"])
 async def test_random_downstream_faults_end_in_the_right_states(
-        tmp_path: Path, start_relay: StartRelay) -> None:
+        tmp_path: Path, start_relay: StartRelay, ehlo_extra: list[str]) -> None:
     rng = random.Random(SEED)
     server_ctx, _ = self_signed_contexts("localhost")
     outbound = {"command_timeout": "1s", "connect_timeout": "1s", "max_connections": 10}
-    async with CountingDownstream() as ds, \
+    # The main downstream with and without RFC 2920 PIPELINING (the relay pipelines MAIL,
+    # RCPT and DATA when offered): the same faults, the same terminal states.
+    async with CountingDownstream(ehlo_extra=ehlo_extra) as ds, \
             CountingDownstream(starttls_context=server_ctx) as ds_tls, \
             CountingDownstream() as ds_notls:
         fates = plan_faults(ds, rng)
