@@ -179,6 +179,8 @@ class RelaySMTP(AioSMTP):
         self.reservation: list[tuple[str, str]] = []
         self.reject_logged = False    # set by a handler that logged its own refusal
         self.last_command = "CONNECT"
+        self._reply_may_wait = False   # inside a command whose reply may join the next one's
+        self._held: list[bytes] = []  # replies written with the next one (RFC 2920)
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = self._guard(method)
 
@@ -192,7 +194,11 @@ class RelaySMTP(AioSMTP):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            await method(arg)
+            self._reply_may_wait = method.__name__ in _COALESCED_COMMANDS
+            try:
+                await method(arg)
+            finally:
+                self._reply_may_wait = False
 
         # HELP lists what carries aiosmtpd's syntax marks; our overrides lack them, so take
         # them from aiosmtpd's own method of the same name.
@@ -215,7 +221,30 @@ class RelaySMTP(AioSMTP):
                 SMTPD.info("NOQUEUE: reject: %s from %s: %s", self.last_command,
                            client_name(self.session), _printable(status))
         self.reject_logged = False
-        await super().push(status)
+        # As aiosmtpd's push(), but a reply may wait to share one write (one send) with the
+        # replies after it (RFC 2920 3.1 lets a server buffer replies of a group):
+        # - only a reply to MAIL, RCPT, RSET, NOOP or the end of DATA (never 354, STARTTLS's
+        #   220, QUIT's 221, a 421, an AUTH challenge, or a reply made outside a command),
+        #   and only while the client's next command line is already read in whole, so the
+        #   server never waits for the client while holding a reply;
+        # - or an EHLO line that another line of the same reply follows at once.
+        # Any other reply is written together with those held before it, in order.
+        if isinstance(status, str):
+            data = bytes(status, "utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n"
+        else:
+            data = status + b"\r\n"
+        if ((self._reply_may_wait and not data.startswith(b"354")
+                and b"\r\n" in self._reader._buffer
+                and self.transport is not None and not self.transport.is_closing())
+                or (self._in_ehlo and data[3:4] == b"-")):
+            self._held.append(data)
+            return
+        if self._held:
+            self._held.append(data)
+            data = b"".join(self._held)
+            self._held = []
+        self._writer.write(data)
+        await self._writer.drain()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         fast = _fast_getaddr(arg, self.local_part_limit)
@@ -341,7 +370,8 @@ class RelaySMTP(AioSMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 4.5.3.2: say why before closing (421 4.4.2), and log it.
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(str(replies.R421_TIMEOUT).encode() + b"\r\n")
+            held, self._held = b"".join(self._held), []
+            self.transport.write(held + str(replies.R421_TIMEOUT).encode() + b"\r\n")
             SMTPD.info("timeout after %s from %s", "DATA" if self.in_data else "command",
                        client_name(self.session) if self.session else "unknown")
         super()._timeout_cb()
@@ -628,6 +658,10 @@ class EdgeHandler:
         SMTPD.exception("internal error in SMTP session: %s", type(error).__name__)
         return str(replies.R451_INTERNAL)
 
+
+# The commands whose replies may wait for the next reply of a pipelined group (see push).
+_COALESCED_COMMANDS = frozenset({"smtp_MAIL", "smtp_RCPT", "smtp_RSET", "smtp_NOOP",
+                                 "smtp_DATA"})
 
 _HEADER_REFUSALS: dict[str, Reply] = {
     "no_from": replies.R550_NO_FROM,
