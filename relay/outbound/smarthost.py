@@ -24,12 +24,18 @@ import aiosmtplib
 
 from relay import replies
 from relay.config import OutboundConfig
+from relay.log import SMTP
 from relay.outbound import RcptResult
 from relay.outbound.classify import SmtpReply, from_catalogue, parse_reply
 from relay.outbound.pipelining import Pipeline
 from relay.outbound.pool import Connection, ConnectionPool
 from relay.outbound.render import Renderer
 from relay.queue import Job, Recipient
+
+# Per-recipient copies (List-Unsubscribe, VERP) of one message delivered at once, unless the
+# body is bigger than this (then one at a time, to bound the rendered copies held).
+PARALLEL_COPIES = 4
+PARALLEL_COPIES_MAX_BODY = 1024 * 1024
 
 
 class Stale(Exception):
@@ -99,11 +105,31 @@ class SmarthostDeliverer:
         its own headers (marketing: List-Unsubscribe)."""
         if not self.renderer.per_recipient(job):
             return await self._deliver(job, job.recipients, job.sender,
-                                       self.renderer.render(job, None))
+                                       await self.renderer.render_async(job, None))
+        # Each copy is its own transaction: up to PARALLEL_COPIES of them at once over the
+        # pool (one at a time for a big message: each copy in flight is a rendered body).
+        parallel = 1 if len(job.body) > PARALLEL_COPIES_MAX_BODY else PARALLEL_COPIES
+        gate = asyncio.Semaphore(max(1, min(parallel, self.pool.max_connections)))
+
+        async def copy(rcpt: Recipient) -> list[RcptResult]:
+            async with gate:
+                body = await self.renderer.render_async(job, rcpt)
+                return await self._deliver(job, [rcpt], self.renderer.sender(job, rcpt), body)
+
+        done = await asyncio.gather(*(copy(r) for r in job.recipients), return_exceptions=True)
         results: list[RcptResult] = []
-        for rcpt in job.recipients:
-            results += await self._deliver(job, [rcpt], self.renderer.sender(job, rcpt),
-                                           self.renderer.render(job, rcpt))
+        for rcpt, got in zip(job.recipients, done, strict=True):
+            if isinstance(got, BaseException):
+                if not isinstance(got, Exception):
+                    raise got      # cancellation and the like are not a delivery outcome
+                # The other copies' outcomes stand (some may be delivered: retrying them
+                # would send twice); only this one is deferred.
+                SMTP.error("%s: to=<%s>: delivery failed unexpectedly: %r", job.queue_id,
+                           rcpt.address, got)
+                reply = from_catalogue(replies.R451_DELIVERY_ERROR, detail=type(got).__name__)
+                results.append(RcptResult(rcpt, reply, self.relay_name))
+            else:
+                results += got
         return results
 
     async def _deliver(self, job: Job, rcpts: list[Recipient], sender: str,
