@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import pytest
 
 from relay.config import LogConfig
-from relay.log import configure_logging
+from relay.log import QMGR, SMTPD, PostfixFormatter, _timestamp, configure_logging
 from tests.support.downstream import Downstream
 from tests.support.wire import Wire
 
@@ -59,3 +60,44 @@ async def test_lines_are_postfix_shaped_and_refusals_are_logged(logfile, downstr
                      rf"\[127\.0\.0\.1\]:\d+, delay=[\d.]+, dsn=2\.0\.0, status=sent", text)
     assert re.search(rf"relay/qmgr\[\d+\]: {qid}: removed", text)
     assert "Traceback" not in text
+
+
+def test_the_cached_timestamp_is_the_plain_one() -> None:
+    """PostfixFormatter computes the seconds once a second; the text must not change."""
+    formatter = PostfixFormatter("relay.test")
+    base = 1780000000.0
+    instants = [base + step / 1000 for step in range(-1500, 2500, 7)]
+    instants += [base - 1e-7, base, base + 0.9995, base + 0.999999, base + 1 - 1e-9, 5.9999999999,
+                 0.0, 59.9995, 86399.9999, base + 3600.5]
+    for created in instants + instants[::-1]:       # forwards, then backwards in time
+        assert formatter.timestamp(created) == _timestamp(created), created
+
+
+def test_handler_writes_exactly_the_formatted_line(logfile) -> None:
+    """One format, one write, no extra flush: the file holds exactly the formatted lines,
+    each readable as soon as it was logged (line-buffered)."""
+    handler = logging.getLogger("relay").handlers[0]
+    formatted: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            formatted.append(handler.format(record))
+
+    capture = Capture()
+    logging.getLogger("relay").addHandler(capture)
+    try:
+        SMTPD.info("%s: client=%s", "7F3A9C21D0", "unknown[127.0.0.1]")
+        assert logfile.read_text() == formatted[0] + "\n"       # already on disk
+        QMGR.warning("%s: from=<%s> \x01\r\n", "7F3A9C21D0", "jörg@example.com")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            SMTPD.exception("internal error in SMTP session: %s", "ValueError")
+    finally:
+        logging.getLogger("relay").removeHandler(capture)
+    assert logfile.read_text(encoding="utf-8") == "".join(f"{line}\n" for line in formatted)
+    lines = logfile.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and all(LINE.match(line) for line in lines), lines
+    assert lines[1].endswith(f"relay/qmgr[{os.getpid()}]: warning: 7F3A9C21D0: "
+                             "from=<jörg@example.com> \\x01\\x0d\\x0a")
+    assert "error: internal error in SMTP session: ValueError | Traceback" in lines[2]
