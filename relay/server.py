@@ -254,10 +254,12 @@ class RelaySMTP(AioSMTP):
 
     def _slow_getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd's stdlib parser raises IndexError on a lone "<" ("MAIL FROM:<", "VRFY <")
-        # instead of HeaderParseError: that is a syntax error (501), not an internal one.
+        # and AttributeError on an unclosed address literal ("<a@[192.0.2.1>": a defect
+        # lands among its tokens) instead of HeaderParseError: a syntax error (553 5.1.3),
+        # not an internal one (451, retried for ever).
         try:
             return super()._getaddr(arg)
-        except (IndexError, ValueError):
+        except (IndexError, ValueError, AttributeError):
             return None, None
 
     async def smtp_EHLO(self, hostname: str) -> None:

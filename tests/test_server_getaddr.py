@@ -196,3 +196,18 @@ async def test_rcpt_replies_around_the_fast_path(downstream: Downstream, start_r
     reply = await wire.cmd(f"RCPT TO:{rcpt}")
     assert (reply.code, reply.enhanced) == (code, enhanced), reply
     await wire.close()
+
+
+@pytest.mark.parametrize("line", ["MAIL FROM:<a@[192.0.2.1>", "MAIL FROM:<a@[IPv6:::1> SIZE=1"])
+async def test_unclosed_address_literal_is_a_syntax_error(downstream: Downstream, start_relay,
+                                                          line: str) -> None:
+    """The stdlib parser raises AttributeError here; that is the client's error (5xx),
+    not an internal one (451, retried for ever)."""
+    relay = await start_relay(downstream.port)
+    wire: Wire = await open_wire(relay)
+    reply = await wire.cmd(line)
+    assert (reply.code, reply.enhanced) == (553, "5.1.3"), reply
+    assert (await wire.cmd("MAIL FROM:<a@example.com>")).code == 250
+    reply = await wire.cmd("RCPT TO:<r@[192.0.2.1>")
+    assert (reply.code, reply.enhanced) == (553, "5.1.3"), reply
+    await wire.close()
