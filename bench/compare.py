@@ -77,6 +77,7 @@ mode = "smarthost"
 smarthost = "127.0.0.1:{sink_port}"
 tls = "none"
 max_connections = {out_conns}
+delivery_process = {delivery_process}
 [log]
 file = "var/relay.log"
 [http]
@@ -422,6 +423,7 @@ class RelaySetup:
         cfg.write_text(RELAY_TOML.format(
             port=port, sink_port=sink_port, http_port=http_port,
             max_sessions=self.args.max_sessions, out_conns=self.args.out_conns,
+            delivery_process="false" if self.args.single_process else "true",
             dkim_domain=DKIM_DOMAIN, dkim_selector=DKIM_SELECTOR, key=self.key))
         return cfg, port
 
@@ -951,6 +953,8 @@ def targets(args: argparse.Namespace, table: list[dict[str, Any]], idle: dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="relay vs Postfix (issue 9)")
     p.add_argument("--quick", action="store_true", help="only the 5 KB rows")
+    p.add_argument("--single-process", action="store_true",
+                   help="relay with [outbound] delivery_process = false (default: true)")
     p.add_argument("-n", type=int, default=None,
                    help="messages per 5 KB row (default 10000; 50 KB rows get n/5)")
     p.add_argument("--n-large", type=int, default=None,

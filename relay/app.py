@@ -32,6 +32,7 @@ from relay.outbound.mx import MxResolver, make_async_resolver
 from relay.outbound.render import Renderer, UnsubscribeSettings
 from relay.outbound.smarthost import SmarthostDeliverer
 from relay.outbound.verp import Verp
+from relay.outbound.worker import RemoteDeliverer
 from relay.policy.unsubscribe import TokenData, Tokens
 from relay.queue import QueueStore
 from relay.queue.pacing import Pacer, state_path
@@ -107,13 +108,17 @@ class Relay:
         self.tokens = make_tokens(cfg)
         self.verp = make_verp(cfg)
         self.renderer = make_renderer(cfg, self.tokens, self.verp)
+        if deliverer is None and cfg.outbound.delivery_process:
+            deliverer = RemoteDeliverer(cfg)
         self.deliverer: Deliverer = deliverer or make_deliverer(
             cfg, self.renderer, clock=clock, rng=rng)
         # Direct delivery paces by destination itself (MX hosts, throttling): its pacer.
         pacer = getattr(self.deliverer, "pacer", None)
         self.scheduler = Scheduler(
             self.store, self.deliverer, retry=cfg.queue.retry, lifetime=cfg.queue.lifetime,
-            concurrency=cfg.outbound.max_connections * 2, clock=clock, rng=rng,
+            concurrency=cfg.outbound.max_connections * (
+                8 if isinstance(self.deliverer, RemoteDeliverer) else 2),
+            clock=clock, rng=rng,
             pacer=pacer if isinstance(pacer, Pacer) else Pacer(cfg.outbound.destination_for),
             hostname=cfg.server.hostname,
             suppressions=self.suppressions, rules=Rules.load(cfg.bounces.rules),
@@ -129,6 +134,8 @@ class Relay:
         self.metrics = Metrics()
         self.metrics.watch(sessions=lambda: len(self.edge.sessions), pool=self._pool_gauge)
         self.scheduler.metrics = self.edge.metrics = self.renderer.metrics = self.metrics
+        if isinstance(self.deliverer, RemoteDeliverer):
+            self.deliverer.on_dkim_seconds = self.metrics.dkim_seconds.observe
         self.http: HttpListener | None = None
         if cfg.http.listen is not None:
             app = make_app(tokens=self.tokens, store=self.suppressions,
@@ -172,6 +179,8 @@ class Relay:
         if recovered:
             MASTER.info("queue: %d recipient(s) of interrupted deliveries returned to the queue",
                         recovered)
+        if isinstance(self.deliverer, RemoteDeliverer):
+            await self.deliverer.start()
         self.scheduler.start()
         self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         self.webhooks.start()
@@ -254,9 +263,15 @@ async def serve(cfg: Config, *, stop: asyncio.Event | None = None) -> None:
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        if isinstance(handler, ReopenableFileHandler):
-            loop.add_signal_handler(signal.SIGUSR1, handler.reopen)
     relay = Relay(cfg)
+    with contextlib.suppress(NotImplementedError):
+        if isinstance(handler, ReopenableFileHandler):
+            def reopen() -> None:
+                handler.reopen()
+                if isinstance(relay.deliverer, RemoteDeliverer):
+                    relay.deliverer.reopen_log()
+
+            loop.add_signal_handler(signal.SIGUSR1, reopen)
 
     def reload() -> None:
         # SIGHUP: reload atomically; a bad file keeps the old policy and says why.

@@ -190,6 +190,9 @@ class OutboundConfig:
     throttle_cooldown: float = 300.0      # a throttled destination recovers one step per this
     pause_after: int = 5                  # connection failures in a row pause a destination
     pause_for: float = 300.0              # ... for this long
+    # Delivery (rendering, DKIM, the SMTP client) in a second process, the SMTP edge and the
+    # queue in this one: both cores busy (issue 9). Smarthost mode only.
+    delivery_process: bool = False
 
     def destination_for(self, domain: str) -> DestinationConfig | None:
         """The most specific destination entry for a recipient domain, if any (provider
@@ -592,7 +595,12 @@ class _Loader:
             throttle_cooldown=s.get("throttle_cooldown", d.throttle_cooldown, parse_duration),
             pause_after=s.get("pause_after", d.pause_after, _positive_int),
             pause_for=s.get("pause_for", d.pause_for, parse_duration),
+            delivery_process=s.get("delivery_process", d.delivery_process, _bool),
         )
+        if cfg.delivery_process and mode != "smarthost":
+            self.problem("outbound.delivery_process",
+                         "is only for mode = \"smarthost\" (direct delivery paces destinations "
+                         "in the scheduler's process)")
         if has_user != has_password:
             self.problem("outbound.password_env" if has_user
                          else "outbound.username_env", "username_env and password_env go together")
