@@ -155,7 +155,8 @@ def with_enhanced_code(line: str) -> str:
     if line.startswith("502 5.5.1 Too many unrecognized commands"):
         # aiosmtpd closes the connection after this one: RFC 5321 3.8 wants a 421 then.
         return str(R421_TOO_MANY_ERRORS)
-    if len(line) < 3 or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
+    if len(line) < 3 or not line[:3].isascii() or not line[:3].isdigit() \
+            or _HAS_ENHANCED.match(line):
         return line
     code = int(line[:3])
     sep = line[3:4] or " "
