@@ -102,7 +102,8 @@ class Relay:
                  suppressions: SuppressionStore | None = None,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None):
         self.cfg = cfg
-        self.store: QueueStore = store or SQLiteQueueStore(cfg.queue.path)
+        self.store: QueueStore = store or SQLiteQueueStore(
+            cfg.queue.path, group_commit_window=cfg.queue.group_commit_window)
         self.suppressions: SuppressionStore = suppressions or SQLiteSuppressionStore(
             cfg.suppression.path)
         self.tokens = make_tokens(cfg)

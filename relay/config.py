@@ -133,7 +133,7 @@ class QueueConfig:
     path: Path = Path("var/relay.db")
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0, 14400.0)
     lifetime: float = 5 * 86400.0
-    group_commit_window: float = 0.002
+    group_commit_window: float = 0.0     # 0: commit what is waiting at once
 
 
 DESTINATION_TLS = ("opportunistic", "required")

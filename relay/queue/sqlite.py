@@ -92,10 +92,11 @@ _STOP = object()
 class _Writer(threading.Thread):
     """The one thread that owns the connection. Batches work into transactions."""
 
-    def __init__(self, path: Path, max_batch: int = 512):
+    def __init__(self, path: Path, max_batch: int = 512, window: float = 0.0):
         super().__init__(name=f"relay-db:{path.name}", daemon=True)
         self.path = path
         self.max_batch = max_batch
+        self.window = window
         self.inbox: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
         self.ready = threading.Event()
         self.open_error: BaseException | None = None
@@ -127,9 +128,14 @@ class _Writer(threading.Thread):
                 return
             batch = [first]
             stop = False
+            # Everything already waiting shares this commit; with a window, so does what
+            # arrives within it (fewer fsyncs, each reply later by up to the window).
+            until = time.monotonic() + self.window
             while len(batch) < self.max_batch:
                 try:
-                    item = self.inbox.get_nowait()
+                    wait = until - time.monotonic()
+                    item = (self.inbox.get(timeout=wait) if wait > 0
+                            else self.inbox.get_nowait())
                 except stdqueue.Empty:
                     break
                 if item is _STOP:
@@ -179,8 +185,9 @@ class _Writer(threading.Thread):
 class SQLiteQueueStore:
     """A `QueueStore` in one SQLite file (see module docstring)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, group_commit_window: float = 0.0):
         self.path = Path(path)
+        self.group_commit_window = group_commit_window
         self._writer: _Writer | None = None
         # Reads that may take long on a big queue (the gauges' counts) use their own
         # connection on a worker thread: WAL readers never hold up the writer's commits.
@@ -191,7 +198,7 @@ class SQLiteQueueStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(self.path)
+        writer = _Writer(self.path, window=self.group_commit_window)
         writer.start()
         await asyncio.to_thread(writer.ready.wait)
         if writer.open_error is not None:

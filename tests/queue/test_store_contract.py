@@ -662,3 +662,19 @@ def test_counts_walk_partial_indexes_not_the_table(tmp_path: Path) -> None:
             assert index in plan, (state, plan)
     finally:
         conn.close()
+
+
+async def test_sqlite_group_commit_window(tmp_path: Path) -> None:
+    """[queue] group_commit_window: work that arrives within the window after the first
+    piece shares its commit, and no reply comes before that commit."""
+    store = SQLiteQueueStore(tmp_path / "q.db", group_commit_window=1.0)
+    await store.open()
+    try:
+        first = asyncio.ensure_future(store.enqueue(message("W1")))
+        await asyncio.sleep(0.1)
+        assert not first.done()          # waiting for company, not committed alone
+        second = asyncio.ensure_future(store.enqueue(message("W2")))
+        await asyncio.wait_for(asyncio.gather(first, second), 5.0)
+        assert len(await store.list()) == 2
+    finally:
+        await store.close()
