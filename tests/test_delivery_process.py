@@ -99,3 +99,66 @@ def test_delivery_process_is_for_the_smarthost_mode(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         relay_config(tmp_path, 2526, outbound={"mode": "mx", "delivery_process": True})
     assert any("outbound.delivery_process" in p for p in info.value.problems)
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (after the relay's death it is reaped by whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_child_stops_delivering_when_the_relay_is_killed(
+        tmp_path: Path, downstream: Downstream) -> None:
+    """SIGKILL of the relay: the child must not go on delivering the jobs it holds. Nobody
+    will record their outcome; the queue still has them leased and the restarted relay sends
+    them again, so every copy the orphan sends is a duplicate (and a stalled next hop would
+    keep it alive for command_timeout)."""
+    import re
+
+    from tests.test_lifecycle import free_port
+    from tests.test_sigterm_load import start
+
+    downstream.script("EOD", "stall:1.0", times=None)    # slow next hop: jobs pile up
+    port = free_port()
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(f"""
+[server]
+hostname = "relay.test"
+listen = ["127.0.0.1:{port}"]
+[queue]
+path = "var/relay.db"
+[outbound]
+smarthost = "127.0.0.1:{downstream.port}"
+max_connections = 4
+delivery_process = true
+[http]
+listen = ""
+[log]
+file = "var/relay.log"
+""")
+    proc = await start(cfg)
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:
+            for i in range(40):
+                await c.sendmail("a@example.com", [f"r{i}@example.net"],
+                                 f"From: a@example.com\r\nSubject: {i}\r\n\r\nx\r\n")
+        log = (tmp_path / "var" / "relay.log").read_text()
+        m = re.search(r"delivery process started: pid (\d+)", log)
+        assert m is not None
+        child = int(m.group(1))
+
+        def mails() -> int:
+            return sum(1 for _, line in downstream.commands if line.upper().startswith(b"MAIL"))
+
+        await wait_for(lambda: mails() >= 4, what="deliveries in flight")
+    finally:
+        proc.kill()
+        await proc.wait()
+    at_kill = mails()
+    await wait_for(lambda: _exited(child), timeout=5, what="the orphaned child to exit")
+    await asyncio.sleep(0.5)
+    # at most the transactions that were being started at the moment of the kill
+    assert mails() - at_kill <= 4, f"{mails() - at_kill} transactions started by the orphan"

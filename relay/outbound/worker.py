@@ -15,7 +15,8 @@ scheduler defers those recipients (451 4.3.0, like any unexpected delivery error
 child is started. A copy the child had already sent may then go out twice: at least once,
 never lost, the same as after a crash of a single-process relay. The child ignores SIGTERM,
 SIGINT and SIGHUP (the parent drains it by closing its stdin) and reopens its log file on
-SIGUSR1, which the parent forwards.
+SIGUSR1, which the parent forwards. At the end of its stdin (the parent stopped, or died) it
+drops the jobs it still holds and exits: no one would record their outcome.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ class RemoteDeliverer:
                 self._proc.send_signal(signal.SIGUSR1)
 
     async def close(self, timeout: float = 30.0) -> None:
-        """No new jobs: the child finishes what it holds (the scheduler has already waited
-        for its jobs), closes its connections and exits."""
+        """No new jobs: the child drops what it still holds (the scheduler has already
+        waited for its jobs or given up on them), closes its connections and exits."""
         self._closing = True
         if self._starting is not None:
             self._starting.cancel()
@@ -263,9 +264,17 @@ async def _child(cfg: Config, out_fd: int) -> None:
             task = loop.create_task(one(seq, job))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        # End of input: the relay has stopped (its scheduler has finished every job it sent
+        # or given up on it at its deadline) or it has died. No one will record an outcome
+        # now, and the queue keeps those recipients leased for the next start: a copy sent
+        # from here on would only go out twice (and a stalled next hop would keep an orphan
+        # alive for command_timeout). Stop at once.
+        for task in tasks:
+            task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        await writer.drain()
+        with contextlib.suppress(ConnectionError):   # the relay is gone
+            await writer.drain()
     finally:
         await deliverer.close()
 
