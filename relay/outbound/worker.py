@@ -32,9 +32,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from relay import replies
 from relay.config import Config
 from relay.log import MASTER, SMTP
 from relay.outbound import RcptResult
+from relay.outbound.classify import from_catalogue
 from relay.queue import Job
 
 _LEN = struct.Struct("!I")
@@ -176,6 +178,15 @@ class RemoteDeliverer:
                 MASTER.exception("cannot start the delivery process; trying again")
 
     async def deliver(self, job: Job) -> list[RcptResult]:
+        try:
+            return await self._deliver(job)
+        except DeliveryProcessLost as exc:
+            # Deferred like any unexpected delivery error, but the lost child is said once
+            # in the log (_read: "N job(s) deferred"), not with a traceback for every job.
+            reply = from_catalogue(replies.R451_DELIVERY_ERROR, detail=type(exc).__name__)
+            return [RcptResult(r, reply) for r in job.recipients]
+
+    async def _deliver(self, job: Job) -> list[RcptResult]:
         proc = self._proc
         if (proc is None or proc.returncode is not None) and not self._closing:
             # A new child is on its way (restart_delay): wait a little for it rather than
