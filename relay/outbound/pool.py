@@ -63,10 +63,16 @@ class ConnectionPool:
         self._start_reaper()
         return Connection(smtp, self._clock())
 
-    def release(self, conn: Connection, *, reusable: bool) -> None:
-        """Give a connection back after a transaction (counted here)."""
+    def release(self, conn: Connection, *, reusable: bool, abort: bool = False) -> None:
+        """Give a connection back after a transaction (counted here). `abort`: the
+        transaction was cut off (cancelled, an unexpected error) in an unknown state, maybe
+        in the middle of DATA, where a QUIT is only more message text that no one answers:
+        the connection is closed without one."""
         conn.transactions += 1
-        if reusable and conn.smtp.is_connected and conn.transactions < self.max_messages:
+        if abort:
+            self.open_now -= 1
+            conn.smtp.close()
+        elif reusable and conn.smtp.is_connected and conn.transactions < self.max_messages:
             conn.idle_since = self._clock()
             self._idle.append(conn)
         else:

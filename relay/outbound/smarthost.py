@@ -190,7 +190,7 @@ async def deliver_on_pool(pool: ConnectionPool, job: Job, *, relay_of: RelayOf,
             return results_for(job.recipients, from_catalogue(
                 replies.R451_CONNECTION_LOST, detail="connection closed twice"), relay)
         except BaseException:
-            pool.release(conn, reusable=False)
+            pool.release(conn, reusable=False, abort=True)
             raise
         pool.release(conn, reusable=reusable)
         return results
