@@ -934,7 +934,9 @@ def targets(args: argparse.Namespace, table: list[dict[str, Any]], idle: dict[st
                   f"{idle.get('rss_before_mib', 0):.1f} MiB before, "
                   f"{idle.get('rss_idle_mib', 0):.1f} MiB idle, "
                   f"{idle.get('rss_after_load_mib', 0):.1f} MiB after a {args.idle_load_n}-"
-                  f"message load; VmHWM {idle.get('hwm_mib', 0):.1f} MiB")
+                  f"message load; VmHWM {idle.get('hwm_mib', 0):.1f} MiB; process tree "
+                  f"(relay + delivery process) peak {idle.get('peak_rss_tree_mib') or 0:.1f} "
+                  "MiB")
         out.append((f"relay peak RSS <= 150 MB with {args.idle} idle connections", ok, detail))
     if store is not None:
         small, big = store.get(str(args.store_small), {}), store.get(str(args.store_big), {})

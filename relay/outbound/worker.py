@@ -240,7 +240,7 @@ class RemoteDeliverer:
 # --- the child ------------------------------------------------------------------------------
 
 async def _child(cfg: Config, out_fd: int) -> None:
-    from relay.app import make_deliverer, make_renderer, make_tokens, make_verp
+    from relay.outbound.build import make_deliverer, make_renderer, make_tokens, make_verp
 
     loop = asyncio.get_running_loop()
     renderer = make_renderer(cfg, make_tokens(cfg), make_verp(cfg))
