@@ -167,3 +167,34 @@ file = "var/relay.log"
     await asyncio.sleep(0.5)
     # at most the transactions that were being started at the moment of the kill
     assert mails() - at_kill <= 4, f"{mails() - at_kill} transactions started by the orphan"
+
+
+async def test_a_hung_delivery_process_is_killed_and_replaced(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A child that stops answering (here SIGSTOP: alive, but its loop runs no more) is
+    killed after hang_timeout; the mail it would have carried goes out through the next."""
+    from relay.app import Relay
+
+    async with Downstream() as ds:
+        relay = Relay(relay_config(tmp_path, ds.port, outbound={"delivery_process": True}))
+        deliverer = relay.deliverer
+        assert isinstance(deliverer, RemoteDeliverer)
+        deliverer.ping_every, deliverer.hang_timeout = 0.1, 1.0
+        await relay.start()
+        try:
+            first = deliverer.pid
+            assert first is not None
+            os.kill(first, signal.SIGSTOP)
+            host, port = relay.smtp_addresses[0]
+            async with aiosmtplib.SMTP(hostname=host, port=port) as c:
+                await c.sendmail("app@example.com", ["r@example.net"],
+                                 "From: app@example.com\r\nSubject: hung\r\n\r\nx\r\n")
+            await wait_for(lambda: deliverer.pid not in (None, first), timeout=15,
+                           what="a new delivery process")
+            await ds.wait_messages(1, timeout=15)
+            assert ds.messages[0].rcpt_tos == ["r@example.net"]
+        finally:
+            await relay.stop(deadline=5.0)
+        assert f"delivery process {first} has not answered for" in caplog.text
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)                       # gone, not left stopped

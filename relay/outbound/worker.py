@@ -13,7 +13,8 @@ ends are this program, started by the relay itself, nothing else writes to the p
 Failure: if the child dies, every job it held fails with `DeliveryProcessLost`; the
 scheduler defers those recipients (451 4.3.0, like any unexpected delivery error) and a new
 child is started. A copy the child had already sent may then go out twice: at least once,
-never lost, the same as after a crash of a single-process relay. The child ignores SIGTERM,
+never lost, the same as after a crash of a single-process relay. A child that answers no
+ping (every 5 s) for 60 s is killed and handled the same way. The child ignores SIGTERM,
 SIGINT and SIGHUP (the parent drains it by closing its stdin) and reopens its log file on
 SIGUSR1, which the parent forwards. At the end of its stdin (the parent stopped, or died) it
 drops the jobs it still holds and exits: no one would record their outcome.
@@ -86,9 +87,16 @@ class RemoteDeliverer:
     """A `Deliverer` whose work is done by a child process (see the module docstring)."""
 
     def __init__(self, cfg: Config, *, restart_delay: float = 1.0,
-                 on_dkim_seconds: Callable[[float], None] | None = None) -> None:
+                 on_dkim_seconds: Callable[[float], None] | None = None,
+                 ping_every: float = 5.0, hang_timeout: float = 60.0) -> None:
         self.cfg = cfg
         self.restart_delay = restart_delay
+        # A child that answers no ping for hang_timeout (stopped, deadlocked, its loop
+        # blocked) is killed; its jobs are deferred like a crash's and a new one starts.
+        self.ping_every = ping_every
+        self.hang_timeout = hang_timeout
+        self._last_pong = 0.0
+        self._watch: asyncio.Task[None] | None = None
         self.on_dkim_seconds = on_dkim_seconds
         self.pool_open = 0                     # the child's open connections, last reported
         self.started = 0                       # children started so far
@@ -131,8 +139,28 @@ class RemoteDeliverer:
         self._proc = proc
         self._alive.set()
         self.started += 1
-        self._reader = asyncio.get_running_loop().create_task(self._read(proc))
+        self._last_pong = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read(proc))
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch = loop.create_task(self._watchdog(proc))
         MASTER.info("delivery process started: pid %d", proc.pid)
+
+    async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
+        seq = 0
+        while proc.returncode is None and not self._closing:
+            await asyncio.sleep(self.ping_every)
+            silent = time.monotonic() - self._last_pong
+            if silent > self.hang_timeout and proc.returncode is None:
+                MASTER.error("delivery process %d has not answered for %.0fs; killing it",
+                             proc.pid, silent)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
+            seq -= 1                     # pings count down, jobs up: never the same number
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.write(_frame(("ping", seq, None)))
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -141,6 +169,7 @@ class RemoteDeliverer:
             while (msg := await _read_frame(proc.stdout)) is not None:
                 kind, seq, payload, pool_open, dkim = msg
                 self.pool_open = pool_open
+                self._last_pong = time.monotonic()     # any frame shows the child alive
                 if self.on_dkim_seconds is not None:
                     for value in dkim:
                         self.on_dkim_seconds(value)
@@ -161,6 +190,7 @@ class RemoteDeliverer:
                 fut.set_exception(DeliveryProcessLost(f"delivery process {why}, status {code}"))
         if self._proc is proc:
             self._proc = None
+            self.pool_open = 0
             self._alive.clear()
         if self._closing:
             return
@@ -218,8 +248,9 @@ class RemoteDeliverer:
         """No new jobs: the child drops what it still holds (the scheduler has already
         waited for its jobs or given up on them), closes its connections and exits."""
         self._closing = True
-        if self._starting is not None:
-            self._starting.cancel()
+        for task in (self._starting, self._watch):
+            if task is not None:
+                task.cancel()
         proc = self._proc
         if proc is not None and proc.stdin is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -271,7 +302,10 @@ async def _child(cfg: Config, out_fd: int) -> None:
     tasks: set[asyncio.Task[None]] = set()
     try:
         while (msg := await _read_frame(reader)) is not None:
-            _kind, seq, job = msg
+            kind, seq, job = msg
+            if kind == "ping":
+                send("pong", seq, None)
+                continue
             task = loop.create_task(one(seq, job))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
