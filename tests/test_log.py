@@ -101,3 +101,29 @@ def test_handler_writes_exactly_the_formatted_line(logfile) -> None:
     assert lines[1].endswith(f"relay/qmgr[{os.getpid()}]: warning: 7F3A9C21D0: "
                              "from=<jörg@example.com> \\x01\\x0d\\x0a")
     assert "error: internal error in SMTP session: ValueError | Traceback" in lines[2]
+
+
+async def test_lines_from_one_loop_turn_share_a_write_and_none_waits_longer(logfile) -> None:
+    """Lines logged on the event loop reach the file at the end of the loop's turn, in
+    order; from another thread (or with no loop) at once."""
+    import asyncio
+    import threading
+
+    for i in range(5):
+        QMGR.info("turn line %d", i)
+    await asyncio.sleep(0)          # the end of this turn of the loop
+    lines = logfile.read_text().splitlines()
+    assert [LINE.match(x).group(2) for x in lines[-5:]] == [f"turn line {i}" for i in range(5)]
+
+    def other() -> None:
+        SMTPD.info("from a thread")
+        assert logfile.read_text().splitlines()[-1].endswith("from a thread")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+
+
+def test_no_loop_writes_at_once(logfile) -> None:
+    QMGR.info("no loop here")
+    assert logfile.read_text().splitlines()[-1].endswith("no loop here")
