@@ -71,6 +71,7 @@ _SOFT_RECORD_SQL = (
     "ON CONFLICT (address) DO UPDATE SET count = count + 1, last_at = excluded.last_at "
     "RETURNING count, first_at")
 _SOFT_GET_SQL = f"SELECT count, first_at, last_at FROM {SOFT_TABLE} WHERE address = ?"
+SOFT_EMPTY_RECHECK = 2.0   # seconds an empty soft-bounce table is taken as still empty
 
 
 def _row(entry: Suppression) -> tuple[str, str, str, str, float, float | None]:
@@ -109,6 +110,7 @@ class SQLiteSuppressionStore:
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time):
         self.path = Path(path) if str(path) != ":memory:" else None
         self._clock = clock
+        self._soft_empty_until = 0.0       # monotonic; see soft_bounces()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect(path)
@@ -227,6 +229,7 @@ class SQLiteSuppressionStore:
         """Count one more consecutive soft bounce of `address` (at `now`, default the clock):
         (count so far, time of the first). One transaction, fsync'd before it returns."""
         when = self._clock() if now is None else now
+        self._soft_empty_until = 0.0
         with self._write_lock:
             self._writer.execute("BEGIN IMMEDIATE")
             try:
@@ -247,8 +250,19 @@ class SQLiteSuppressionStore:
         return cur.rowcount > 0
 
     def soft_bounces(self, address: str) -> tuple[int, float, float] | None:
-        """(count, first_at, last_at) of the consecutive soft bounces of `address`, if any."""
+        """(count, first_at, last_at) of the consecutive soft bounces of `address`, if any.
+
+        Asked after every delivery, and almost always of an empty table: while the table is
+        empty the answer is None without a look-up, for up to SOFT_EMPTY_RECHECK seconds
+        (a count recorded here ends that at once; one recorded by another process is seen
+        within that time)."""
+        now = time.monotonic()
+        if now < self._soft_empty_until:
+            return None
         with self._read_lock:
+            if self._reader.execute(f"SELECT 1 FROM {SOFT_TABLE} LIMIT 1").fetchone() is None:
+                self._soft_empty_until = now + SOFT_EMPTY_RECHECK
+                return None
             row = self._reader.execute(_SOFT_GET_SQL, (canonical(address),)).fetchone()
         return None if row is None else (int(row[0]), float(row[1]), float(row[2]))
 

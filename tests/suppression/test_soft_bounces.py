@@ -192,3 +192,30 @@ def test_sqlite_concurrent_recorders_lose_no_count(tmp_path: Path) -> None:
         assert all(store.soft_bounces(f"t{t}@example.net") is None for t in range(4))
     finally:
         store.close()
+
+
+def test_an_empty_table_is_not_read_after_every_delivery(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """soft_bounces() of an empty table answers None without a look-up for a while; a count
+    recorded by this store ends that at once, one recorded by another process (another
+    connection to the file) is seen once the re-check time has passed."""
+    import time
+
+    import relay.suppression.store as store_module
+
+    monkeypatch.setattr(store_module, "SOFT_EMPTY_RECHECK", 0.3)
+    path = tmp_path / "suppression.db"
+    ours, other = SQLiteSuppressionStore(path), SQLiteSuppressionStore(path)
+    try:
+        assert ours.soft_bounces("a@example.net") is None       # table empty: remembered
+        ours.record_soft_bounce("a@example.net", now=T0)
+        assert ours.soft_bounces("a@example.net") == (1, T0, T0)   # at once
+        assert ours.clear_soft_bounces("a@example.net") is True
+        assert ours.soft_bounces("b@example.net") is None       # empty again: remembered
+        other.record_soft_bounce("b@example.net", now=T0)
+        assert ours.soft_bounces("b@example.net") is None       # not yet re-checked
+        time.sleep(0.35)
+        assert ours.soft_bounces("b@example.net") == (1, T0, T0)
+    finally:
+        ours.close()
+        other.close()
