@@ -125,6 +125,7 @@ class ReopenableFileHandler(_LineStreamHandler):
     def __init__(self, path: str):
         self.path = path
         self._flush_pending = False
+        self._held = 0
         super().__init__(self._open())
 
     def _open(self) -> TextIO:
@@ -134,10 +135,15 @@ class ReopenableFileHandler(_LineStreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + self.terminator)
+            line = self.format(record) + self.terminator
+            self.stream.write(line)
+            self._held += len(line)
             loop = asyncio._get_running_loop()
-            if loop is None:              # another thread, or no loop: write it now
+            # Another thread, no loop, or much held: write now, at a line's end (the buffer
+            # must never fill and cut a line that the delivery process's lines could split).
+            if loop is None or self._held > 16384:
                 self.flush()
+                self._held = 0
             elif not self._flush_pending:
                 self._flush_pending = True
                 loop.call_soon(self._flush_soon)
@@ -150,6 +156,7 @@ class ReopenableFileHandler(_LineStreamHandler):
         self.acquire()
         try:
             self._flush_pending = False
+            self._held = 0
             self.flush()
         finally:
             self.release()
