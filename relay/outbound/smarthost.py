@@ -243,18 +243,11 @@ async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
         if resp.code != 250:
             reply = parse_reply(resp.code, resp.message)
             return every(reply), await _reset(smtp, resp.code)
-        accepted = []
+        accepted: list[Recipient] = []
         for rcpt in job.recipients:
             resp = await smtp.execute_command(
                 b"RCPT", b"TO:<" + rcpt.address.encode("utf-8") + b">")
-            if resp.code in (250, 251):
-                accepted.append(rcpt)
-                continue
-            pending.remove(rcpt)
-            reply = parse_reply(resp.code, resp.message)
-            results.append(RcptResult(rcpt, reply, relay, tls=tls))
-            if resp.code == 421:   # the server is closing: the rest are deferred too
-                results.extend(results_for(pending, reply, relay, tls=tls))
+            if _rcpt_reply(rcpt, resp, accepted, pending, results, relay, tls):
                 return results, False
         if not accepted:
             return results, await _reset(smtp, 0)
@@ -273,6 +266,24 @@ async def run_transaction(conn: Connection, job: Job, relay: str, tls: str = "",
         reply = _interrupted(exc, conn, heard)
     results.extend(results_for(pending, reply, relay, tls=tls))
     return results, False
+
+
+def _rcpt_reply(rcpt: Recipient, resp: aiosmtplib.SMTPResponse, accepted: list[Recipient],
+                pending: list[Recipient], results: list[RcptResult], relay: str,
+                tls: str) -> bool:
+    """Take the reply to one RCPT (either path): accepted, or this recipient's outcome.
+    True when it was 421, the server closing: every recipient still pending is then
+    deferred with it and the transaction is over."""
+    if resp.code in (250, 251):
+        accepted.append(rcpt)
+        return False
+    pending.remove(rcpt)
+    reply = parse_reply(resp.code, resp.message)
+    results.append(RcptResult(rcpt, reply, relay, tls=tls))
+    if resp.code != 421:
+        return False
+    results.extend(results_for(pending, reply, relay, tls=tls))
+    return True
 
 
 async def _pipelined(conn: Connection, job: Job, relay: str, tls: str, mail: bytes,
@@ -296,17 +307,9 @@ async def _pipelined(conn: Connection, job: Job, relay: str, tls: str, mail: byt
             reply = parse_reply(resp.code, resp.message)
             return (results_for(job.recipients, reply, relay, tls=tls),
                     await _drain_and_reset(group, resp.code))
-        accepted = []
+        accepted: list[Recipient] = []
         for rcpt in job.recipients:
-            resp = await group.reply()
-            if resp.code in (250, 251):
-                accepted.append(rcpt)
-                continue
-            pending.remove(rcpt)
-            reply = parse_reply(resp.code, resp.message)
-            results.append(RcptResult(rcpt, reply, relay, tls=tls))
-            if resp.code == 421:   # the server is closing: the rest are deferred too
-                results.extend(results_for(pending, reply, relay, tls=tls))
+            if _rcpt_reply(rcpt, await group.reply(), accepted, pending, results, relay, tls):
                 return results, False
         resp = await group.reply()   # to DATA
         if not accepted:
