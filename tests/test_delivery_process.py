@@ -123,27 +123,14 @@ async def test_child_stops_delivering_when_the_relay_is_killed(
     transaction is closed, not sent a QUIT that a stalled server never answers)."""
     import re
 
-    from tests.test_lifecycle import free_port
+    from tests.test_lifecycle import free_port, write_config
     from tests.test_sigterm_load import start
 
     downstream.script("EOD", f"stall:{stall}", times=None)    # jobs pile up in the child
     port = free_port()
     cfg = tmp_path / "relay.toml"
-    cfg.write_text(f"""
-[server]
-hostname = "relay.test"
-listen = ["127.0.0.1:{port}"]
-[queue]
-path = "var/relay.db"
-[outbound]
-smarthost = "127.0.0.1:{downstream.port}"
-max_connections = 4
-delivery_process = true
-[http]
-listen = ""
-[log]
-file = "var/relay.log"
-""")
+    write_config(cfg, port, downstream.port,
+                 outbound="max_connections = 4\ndelivery_process = true")
     proc = await start(cfg)
     try:
         async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as c:

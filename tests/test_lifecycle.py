@@ -20,7 +20,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, port: int, sink_port: int, extra: str = "") -> None:
+def write_config(path: Path, port: int, sink_port: int, extra: str = "",
+                 outbound: str = "") -> None:
     path.write_text(f"""
 [server]
 hostname = "relay.test"
@@ -29,6 +30,7 @@ listen = ["127.0.0.1:{port}"]
 path = "var/relay.db"
 [outbound]
 smarthost = "127.0.0.1:{sink_port}"
+{outbound}
 [http]
 listen = ""
 [log]
