@@ -428,15 +428,25 @@ class RelaySetup:
         return cfg, port
 
     def start(self, d: Path, cfg: Path, port: int) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "relay", "serve", "--config", str(cfg)]
         with open(d / "relay.out", "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
+                cmd,
                 cwd=d, env=self.env(), stdout=out, stderr=subprocess.STDOUT)
         try:
             e2e.wait_smtp_ready(port, proc, self.args.start_timeout, d / "relay.out")
         except BaseException:
             e2e.stop_process(proc, 5)
             raise
+        if self.args.profile:
+            # py-spy attached to the relay and its delivery process; it writes its raw
+            # stacks when the relay exits
+            out_file = Path(self.args.profile).resolve() / f"{d.name}.txt"
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.Popen(["py-spy", "record", "--subprocesses", "--threads", "-r", "250",
+                              "-f", "raw", "-o", str(out_file), "--pid", str(proc.pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         return proc
 
 
@@ -625,8 +635,13 @@ def rows_wanted(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
     n_large = args.n_large if args.n_large is not None else (
         2000 if args.n is None else max(1, args.n // 5))
     n_small = args.n if args.n is not None else 10000
-    return [(size, c, r, n_small if size == 5120 else n_large)
+    rows = [(size, c, r, n_small if size == 5120 else n_large)
             for size in sizes for c in (10, 50) for r in (1, 10)]
+    if args.rows:
+        # "--rows 50:10:1,5:50:10": KB:sessions:recipients, only those rows
+        wanted = {tuple(int(x) for x in spec.split(":")) for spec in args.rows.split(",")}
+        rows = [row for row in rows if (row[0] // 1024, row[1], row[2]) in wanted]
+    return rows
 
 
 def run_rows(args: argparse.Namespace, root: Path, setup: RelaySetup, pf_bin: str | None,
@@ -955,6 +970,10 @@ def targets(args: argparse.Namespace, table: list[dict[str, Any]], idle: dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="relay vs Postfix (issue 9)")
     p.add_argument("--quick", action="store_true", help="only the 5 KB rows")
+    p.add_argument("--rows", default=None,
+                   help="only these rows, KB:sessions:recipients, comma-separated (5:10:1,50:10:1)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="run the relay under py-spy (raw stacks into DIR; figures then skew)")
     p.add_argument("--single-process", action="store_true",
                    help="relay with [outbound] delivery_process = false (default: true)")
     p.add_argument("-n", type=int, default=None,

@@ -50,6 +50,7 @@ class Results:
     error_kinds: Counter[str] = field(default_factory=Counter)
     not_sent: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds
+    latency_at: list[float] = field(default_factory=list)  # perf_counter at each final dot
     accepted_ids: list[str] = field(default_factory=list)
     first_send_ts: float | None = None  # wall clock
     last_reply_ts: float | None = None  # wall clock
@@ -289,6 +290,7 @@ async def send_one(
         res.accepted += 1
         res.accepted_rcpts += ok_rcpts
         res.latencies.append(t1 - t0)
+        res.latency_at.append(t0)
         res.accepted_ids.append(msg.message_id(seq))
         res.last_reply_ts = time.time()
     else:
@@ -409,6 +411,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.ids_out:
         out["_accepted_ids"] = res.accepted_ids
+    if args.latency_out:
+        first = min(res.latency_at, default=0.0)
+        out["_latencies"] = [(at - first, lat) for at, lat in
+                             zip(res.latency_at, res.latencies, strict=True)]
     return out
 
 
@@ -455,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="consecutive failures after which a connection worker gives up",
     )
     p.add_argument("--ids-out", default=None, help="write accepted Message-IDs here")
+    p.add_argument("--latency-out", default=None,
+                   help="write one line per accepted message: seconds since the first final "
+                        "dot, then ms to its 250 (where in the run the slow ones fall)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -468,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need -n >= 0, -c >= 1, --size >= 0, --rcpts >= 1")
     r = asyncio.run(run(args))
     ids: list[str] = r.pop("_accepted_ids", [])
+    latencies: list[tuple[float, float]] = r.pop("_latencies", [])
+    if args.latency_out:
+        with open(args.latency_out, "w", encoding="utf-8") as fh:
+            fh.writelines(f"{at:.4f} {lat * 1000:.2f}\n" for at, lat in latencies)
     if args.ids_out:
         with open(args.ids_out, "w", encoding="utf-8") as fh:
             fh.writelines(i + "\n" for i in ids)

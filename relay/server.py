@@ -99,11 +99,12 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int) -> tuple[byte
         reader._buffer[0:0] = rest       # aiosmtpd reads the next commands from here
     if too_big or (size_limit and end > size_limit):
         return b"", replies.R552_TOO_BIG
-    data = bytes(acc[2:end + 2])         # every line with its CRLF, the final "." excluded
+    data = bytes(memoryview(acc)[2:end + 2])   # every line with its CRLF, not the final "."
     # RFC 5321 4.5.2: a line that starts with "." had one added by the client.
     if data.startswith(b"."):
         data = data[1:]
-    data = data.replace(b"\r\n.", b"\r\n")
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n")
     # RFC 5321 4.5.3.1.6: the limit does not count the dot added for transparency.
     if any(len(line) > _MAX_LINE for line in data.split(b"\r\n")):
         return b"", replies.R554_LINE_TOO_LONG

@@ -357,9 +357,13 @@ def check(message: bytes) -> None:
     """Raise DkimMessageError if the message (after line-ending normalisation) cannot be
     signed: a malformed header section or no From field (RFC 6376 5.4: From MUST be
     signed). Reads the header section only; cheap enough for the end of DATA."""
-    message = normalize_line_endings(message)
+    # Only the header section is read, so only it is normalised: the part up to the first
+    # CRLF CRLF as sent holds the header section of the normalised message too (the
+    # rewrite of a bare CR or LF only ever moves that end earlier).
     end = message.find(b"\r\n\r\n")
-    headers, _ = _split(message if end < 0 else message[:end + 4])
+    head = normalize_line_endings(message if end < 0 else message[:end + 4])
+    end = head.find(b"\r\n\r\n")
+    headers, _ = _split(head if end < 0 else head[:end + 4])
     if not any(name.lower() == b"from" for name, _ in headers):
         raise DkimMessageError("no From header field (RFC 5322 3.6, RFC 6376 5.4)")
 

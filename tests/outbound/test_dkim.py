@@ -755,3 +755,34 @@ def test_from_domain_fast_path_equals_getaddresses_on_corpus() -> None:
                 assert _from_domain([[name, value]]) == _from_domain_slow(value), path.name
                 seen += 1
     assert seen >= 30
+
+
+# The header check reads (and normalises) only the header section; what it decides must be
+# what normalising the whole message first would decide.
+_EOL_PIECES = [b"\r\n", b"\r", b"\n", b"\r\n\r\n", b"From: a@example.com", b"Subject: x",
+               b" folded", b"body", b"x: y", b":", b" ", b"From MAILER-DAEMON"]
+
+
+def _check_whole(message: bytes) -> str | None:
+    from relay.outbound.dkim import _split, normalize_line_endings
+    message = normalize_line_endings(message)
+    end = message.find(b"\r\n\r\n")
+    try:
+        headers, _ = _split(message if end < 0 else message[:end + 4])
+    except DkimMessageError as exc:
+        return exc.why
+    if not any(name.lower() == b"from" for name, _ in headers):
+        return "no From"
+    return None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_EOL_PIECES), max_size=14))
+def test_check_reads_the_header_section_as_whole_normalisation_would(pieces) -> None:
+    message = b"".join(pieces)
+    try:
+        check(message)
+        got = None
+    except DkimMessageError as exc:
+        got = "no From" if "no From" in exc.why else exc.why
+    assert got == _check_whole(message), message

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Self
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.outbound import RcptResult
 from relay.outbound.smarthost import SmarthostDeliverer
@@ -365,3 +367,32 @@ async def test_354_after_every_recipient_refused_hangs_up(tmp_path, deliverers) 
         await asyncio.wait_for(server.ended.wait(), 5)
         assert deliverer.pool.open_now == 0
     assert bytes(server.seen).endswith(b"DATA\r\n")   # nothing after DATA: no body, no dot
+
+
+# --- the DATA bytes ------------------------------------------------------------------------
+
+@settings(max_examples=5000, deadline=None)
+@given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a", b" ", b"\r\n."]),
+                max_size=20))
+def test_data_on_wire_is_what_aiosmtplib_sends(pieces: list[bytes]) -> None:
+    """The fast path (CRLF-only messages) and the fallback give aiosmtplib's own bytes:
+    its line-ending normalisation, its dot-stuffing, then the final dot."""
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    from relay.outbound.pipelining import data_on_wire
+
+    body = b"".join(pieces)
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
+    assert data_on_wire(body) == expected, body
+
+
+def test_data_on_wire_of_a_large_clean_message() -> None:
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    from relay.outbound.pipelining import data_on_wire
+
+    body = b"From: a@example.com\r\n\r\n" + b"".join(
+        (b"." if i % 7 == 0 else b"") + b"line %d of text\r\n" % i for i in range(5000))
+    wire = data_on_wire(body)
+    assert wire == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
+    assert wire.count(b"\r\n..line") == len(range(0, 5000, 7))
