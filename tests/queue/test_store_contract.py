@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -676,5 +676,45 @@ async def test_sqlite_group_commit_window(tmp_path: Path) -> None:
         second = asyncio.ensure_future(store.enqueue(message("W2")))
         await asyncio.wait_for(asyncio.gather(first, second), 5.0)
         assert len(await store.list()) == 2
+    finally:
+        await store.close()
+
+
+async def test_sqlite_new_messages_go_before_outcomes_already_waiting(tmp_path: Path) -> None:
+    """A new message's commit (a client waits for its 250) is urgent work: it runs before
+    the outcomes, claims and admin work already waiting for the writer, and the rest runs
+    in later batches instead of all ahead of it."""
+    store = SQLiteQueueStore(tmp_path / "q.db")
+    await store.open()
+    try:
+        started, gate = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def hold(_conn: sqlite3.Connection) -> None:
+            started.set()
+            gate.wait(10)
+
+        def lazy(i: int) -> Callable[[sqlite3.Connection], None]:
+            def work(conn: sqlite3.Connection) -> None:
+                time.sleep(0.005)   # a burst of settles of large messages
+                order.append(f"lazy{i}")
+            return work
+
+        def insert(conn: sqlite3.Connection) -> None:
+            order.append("enqueue")
+
+        blocker = store._submit(hold)
+        await asyncio.to_thread(started.wait, 10)
+        waiting = [store._submit(lazy(i)) for i in range(40)]
+        urgent = store._submit(insert, urgent=True)
+        real = asyncio.ensure_future(store.enqueue(message("U1")))
+        await asyncio.sleep(0.05)   # all of it handed to the writer
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, urgent, real), 10)
+        assert order[0] == "enqueue"   # ahead of all 40 that were waiting before it
+        assert not all(f.done() for f in waiting)   # they were not all in its commit
+        await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        assert order[1:] == [f"lazy{i}" for i in range(40)]   # the rest keep their order
+        assert [e.queue_id for e in await store.list()] == ["U1"]
     finally:
         await store.close()
