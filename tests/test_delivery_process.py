@@ -47,6 +47,31 @@ async def test_marketing_mail_through_the_delivery_process(
     assert await relay.store.counts() == {}
 
 
+async def test_delivery_process_pipes_are_widened_and_carry_large_jobs(
+        marketing, downstream: Downstream, dns) -> None:  # noqa: F811 - fixtures
+    """Both pipes get 1 MiB (F_SETPIPE_SZ); a job far larger than that (3 MiB body, three
+    copies) still crosses whole, and every copy is signed over its exact bytes."""
+    import fcntl
+
+    relay = await marketing(**SPLIT)
+    deliverer = relay.deliverer
+    assert isinstance(deliverer, RemoteDeliverer) and deliverer._proc is not None
+    transports = (deliverer._proc.stdin.transport,     # type: ignore[union-attr]
+                  deliverer._proc.stdout._transport)   # type: ignore[union-attr]
+    for transport in transports:
+        pipe = transport.get_extra_info("pipe")
+        assert fcntl.fcntl(pipe.fileno(), fcntl.F_GETPIPE_SZ) == 1024 * 1024
+    line = b"0123456789" * 7 + b".tail\r\n"
+    body = b"".join(b"." + line if i % 9 == 0 else line for i in range(40_000))
+    rcpts = ["a@example.net", "b@example.net", "c@example.net"]
+    await send(relay, rcpts, message().replace(b"Hello.\r\n", body))
+    got = await downstream.wait_messages(3, timeout=60)
+    assert sorted(m.rcpt_tos[0] for m in got) == rcpts
+    for m in got:
+        assert m.data.endswith(body)   # dot-stuffing undone by the downstream, bytes exact
+        assert await dkimpy_results(m.data, dns.port) == [True, True]
+
+
 async def test_killed_delivery_process_loses_nothing(tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     async with Downstream() as ds:
