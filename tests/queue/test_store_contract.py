@@ -498,6 +498,9 @@ async def test_sqlite_group_commit(tmp_path: Path) -> None:
         assert db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 405
         assert db.execute("SELECT COUNT(*) FROM recipients WHERE queue_id='G007'"
                           ).fetchone()[0] == 2
+        # the failing piece's own write was undone with it, and only it
+        assert db.execute("SELECT COUNT(*) FROM events WHERE event='half-done'"
+                          ).fetchone()[0] == 0
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
