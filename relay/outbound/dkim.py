@@ -508,6 +508,7 @@ class Signer:
         # share all their fields but List-Unsubscribe (regular expressions per field, about
         # a quarter of the work of a copy's signature apart from the RSA operation).
         self._canonical: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+        self._last_folded: tuple[tuple[bytes, ...], bytes] | None = None
 
     @property
     def domains(self) -> frozenset[str]:
@@ -598,6 +599,17 @@ class Signer:
             self._canonical[key] = found
         return found
 
+    def _folded(self, tags: list[bytes]) -> bytes:
+        """The DKIM-Signature value up to "b=", folded; the last one is remembered (the
+        copies of a message, signed within the same second, have the same tags)."""
+        key = tuple(tags)
+        last = self._last_folded
+        if last is not None and last[0] == key:
+            return last[1]
+        value = b" " + _fold(tags, len("DKIM-Signature: ")) + b";\r\n b="
+        self._last_folded = (key, value)
+        return value
+
     def _digests(self, keys: list[DkimKey], headers: list[list[bytes]], body: bytes,
                  include: list[bytes]) -> list[_Pending]:
         bh = self.body_hash(body)
@@ -609,7 +621,7 @@ class Signer:
             tags = [b"v=1", b"a=" + key.algorithm.encode(), b"c=relaxed/relaxed",
                     b"d=" + key.domain.encode(), b"s=" + key.selector.encode(), b"t=" + t,
                     b"h=" + h_value, b"bh=" + bh]
-            value = b" " + _fold(tags, len("DKIM-Signature: ")) + b";\r\n b="
+            value = self._folded(tags)
             # RFC 6376 3.7: hash the signed fields, then this field with b= empty and
             # without its trailing CRLF; dkimpy's hash_headers does exactly that.
             hasher = hashlib.sha256()
