@@ -95,11 +95,12 @@ class _Writer(threading.Thread):
     """The one thread that owns the connection. Batches work into transactions.
 
     Two kinds of work: urgent (a new message, whose 250 waits for the commit) and the rest
-    (claims, outcomes, admin commands). Urgent work always goes first and joins the batch
-    being run even when it arrives in the middle of it; the rest runs for at most
-    `lazy_budget` seconds a batch (and at least `min_lazy` pieces), and what is left waits
-    for the next batch. So a burst of outcomes (150 settles of 50 KB messages took 50 ms in
-    one batch) never holds a client's 250 for longer than the budget and one fsync.
+    (claims, outcomes, admin commands). Urgent work goes first and joins the batch being
+    run even when it arrives in the middle of it; the rest runs for `lazy_budget` seconds a
+    batch, or as long as that batch's urgent work took if longer (at least `min_lazy`
+    pieces), and what is left waits for the next batch. So a burst of outcomes (150 settles
+    of 50 KB messages took 50 ms in one batch) does not hold a client's 250 for longer than
+    the budget and one fsync, and a flood of new mail does not starve delivery.
     """
 
     def __init__(self, path: Path, max_batch: int = 512, window: float = 0.0,
@@ -113,6 +114,7 @@ class _Writer(threading.Thread):
         self.inbox: stdqueue.SimpleQueue[Any] = stdqueue.SimpleQueue()
         self.ready = threading.Event()
         self.open_error: BaseException | None = None
+        self.clock: Callable[[], float] = time.monotonic
         self._urgent: collections.deque[Any] = collections.deque()
         self._lazy: collections.deque[Any] = collections.deque()
         self._stopping = False
@@ -187,10 +189,10 @@ class _Writer(threading.Thread):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            self._take_for_batch(taken, budget_from=None)
+            self._take_for_batch(taken)
             _resolve([(item, None, exc) for item in taken])
             return
-        results = self._take_for_batch(taken, budget_from=time.monotonic(), conn=conn)
+        results = self._take_for_batch(taken, conn)
         if results is None:   # a piece failed: again, each piece in its own SAVEPOINT
             try:
                 conn.execute("ROLLBACK")
@@ -210,33 +212,50 @@ class _Writer(threading.Thread):
             return
         _resolve(results)
 
-    def _take_for_batch(self, taken: list[Any], budget_from: float | None,
-                        conn: sqlite3.Connection | None = None,
+    def _take_for_batch(self, taken: list[Any], conn: sqlite3.Connection | None = None,
                         ) -> list[tuple[Any, Any, BaseException | None]] | None:
-        """Take the batch's pieces into `taken` (urgent first, lazy within the budget) and,
-        with `conn`, run each as it is taken: their results, or None once one has raised
-        (the rest are still taken, not run)."""
+        """Take the batch's pieces into `taken` and, with `conn`, run each as it is taken:
+        their results, or None as soon as one has raised (nothing more is taken then).
+
+        Urgent pieces first: all of them, or half of `max_batch` when lazy ones wait. Lazy
+        pieces: at least `min_lazy`, then as long as the lazy ones have run for less than
+        `lazy_budget` or than the urgent ones of this batch took. Under a flood of new mail
+        outcomes and claims still get half of the writer's time, so delivery keeps pace.
+        Without `conn` (the transaction could not begin) the pieces are only taken."""
         urgent, lazy = self._urgent, self._lazy
-        deadline = (budget_from or 0.0) + self.lazy_budget
-        results: list[tuple[Any, Any, BaseException | None]] | None = []
-        lazy_done = 0
-        while len(taken) < self.max_batch:
-            if urgent:
-                item = urgent.popleft()
-            elif lazy and (self._stopping or lazy_done < self.min_lazy
-                           or budget_from is None or time.monotonic() < deadline):
-                item = lazy.popleft()
-                lazy_done += 1
+        results: list[tuple[Any, Any, BaseException | None]] = []
+        # With outcomes waiting, new mail may fill half of the batch, not all of it.
+        urgent_cap = self.max_batch // 2 if lazy else self.max_batch
+        n_urgent = n_lazy = 0
+        urgent_s = lazy_s = 0.0
+        while True:
+            if urgent and n_urgent < urgent_cap:
+                item, is_urgent = urgent.popleft(), True
+            elif lazy and n_urgent + n_lazy < self.max_batch and (
+                    conn is None or self._stopping or n_lazy < self.min_lazy
+                    or lazy_s < max(self.lazy_budget, urgent_s)):
+                item, is_urgent = lazy.popleft(), False
             else:
                 break
             taken.append(item)
-            if conn is not None and results is not None:
-                try:
-                    results.append((item, item[0](conn), None))
-                except BaseException:  # noqa: BLE001 - the batch is run again, piece by piece
-                    results = None
-                if not urgent:
-                    self._poll()   # a new message that came meanwhile joins this commit
+            if conn is None:
+                n_urgent += is_urgent
+                n_lazy += not is_urgent
+                continue
+            started = self.clock()
+            try:
+                results.append((item, item[0](conn), None))
+            except BaseException:  # noqa: BLE001 - the batch is run again, piece by piece
+                return None
+            spent = self.clock() - started
+            if is_urgent:
+                n_urgent += 1
+                urgent_s += spent
+            else:
+                n_lazy += 1
+                lazy_s += spent
+            if not urgent:
+                self._poll()   # a new message that came meanwhile joins this commit
         return results
 
 
@@ -273,10 +292,15 @@ def _set_results(items: list[tuple[asyncio.Future[Any], Any, BaseException | Non
     for fut, value, err in items:
         if fut.done():
             continue
-        if err is not None:
-            fut.set_exception(err)
-        else:
+        if err is None:
             fut.set_result(value)
+            continue
+        try:
+            fut.set_exception(err)
+        except (TypeError, ValueError):
+            # An exception a future cannot carry (StopIteration): the caller still gets an
+            # answer, and the other futures of the batch theirs.
+            fut.set_exception(RuntimeError(f"queue store work raised {err!r}"))
 
 
 class SQLiteQueueStore:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -719,5 +720,95 @@ async def test_sqlite_new_messages_go_before_outcomes_already_waiting(tmp_path: 
         await asyncio.wait_for(asyncio.gather(*waiting), 10)
         assert order[1:] == [f"lazy{i}" for i in range(40)]   # the rest keep their order
         assert [e.queue_id for e in await store.list()] == ["U1"]
+    finally:
+        await store.close()
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _batch_writer(tmp_path: Path, urgent: int, lazy: int, cost: float,
+                  failing: set[int] = frozenset()) -> tuple[Any, list[str]]:
+    """A writer thread object (not started) with work queued, each piece costing `cost`
+    seconds on a fake clock; the order in which pieces ran is recorded."""
+    from relay.queue.sqlite import _Writer
+
+    writer = _Writer(tmp_path / "unused.db")
+    clock = _FakeClock()
+    writer.clock = clock
+    ran: list[str] = []
+
+    def piece(name: str, fails: bool) -> Callable[[sqlite3.Connection], None]:
+        def work(_conn: sqlite3.Connection) -> None:
+            clock.now += cost
+            ran.append(name)
+            if fails:
+                raise RuntimeError(name)
+        return work
+
+    for i in range(urgent):
+        writer._urgent.append((piece(f"u{i}", False), None, None, True))
+    for i in range(lazy):
+        writer._lazy.append((piece(f"l{i}", i in failing), None, None, False))
+    return writer, ran
+
+
+@pytest.mark.parametrize(("urgent", "lazy", "expect_urgent", "expect_lazy"), [
+    (0, 100, 0, 4),        # outcomes alone: the 4 ms budget (1 ms each)
+    (10, 100, 10, 10),     # lazy work gets as long as the new mail took
+    (600, 100, 256, 100),  # a flood of new mail: half the batch, and delivery keeps pace
+    (600, 0, 512, 0),      # nothing else waiting: new mail may fill the batch
+    (3, 2, 3, 2),
+])
+def test_sqlite_writer_shares_a_batch_between_new_mail_and_outcomes(
+        tmp_path: Path, urgent: int, lazy: int, expect_urgent: int, expect_lazy: int) -> None:
+    writer, ran = _batch_writer(tmp_path, urgent, lazy, cost=0.001)
+    taken: list[Any] = []
+    results = writer._take_for_batch(taken, conn=object())   # type: ignore[arg-type]
+    assert results is not None and len(results) == len(taken) == len(ran)
+    assert sum(r.startswith("u") for r in ran) == expect_urgent
+    assert sum(r.startswith("l") for r in ran) == expect_lazy
+    assert ran == sorted(ran, key=lambda r: (r[0] != "u", int(r[1:])))   # urgent first, FIFO
+
+
+def test_sqlite_writer_stops_taking_work_at_a_failing_piece(tmp_path: Path) -> None:
+    """A failing piece ends the first pass at once: the batch is run again piece by piece,
+    and the work not yet taken stays queued (not pulled into the slow re-run)."""
+    writer, ran = _batch_writer(tmp_path, 0, 300, cost=0.0001, failing={1})
+    taken: list[Any] = []
+    assert writer._take_for_batch(taken, conn=object()) is None   # type: ignore[arg-type]
+    assert ran == ["l0", "l1"] and len(taken) == 2
+    assert len(writer._lazy) == 298
+
+
+async def test_sqlite_work_raising_stopiteration_answers_every_caller(tmp_path: Path) -> None:
+    """A future cannot carry StopIteration: its caller gets a RuntimeError, and the other
+    pieces of the same batch still get their own answers."""
+    store = SQLiteQueueStore(tmp_path / "q.db")
+    await store.open()
+    try:
+        started, gate = threading.Event(), threading.Event()
+
+        def hold(_conn: sqlite3.Connection) -> None:
+            started.set()
+            gate.wait(10)
+
+        def stop(_conn: sqlite3.Connection) -> None:
+            raise StopIteration
+
+        blocker = store._submit(hold)
+        await asyncio.to_thread(started.wait, 10)
+        bad = store._submit(stop)
+        good = [store._submit(lambda c, i=i: i) for i in range(5)]
+        gate.set()
+        await asyncio.wait_for(blocker, 10)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(bad, 10)
+        assert await asyncio.wait_for(asyncio.gather(*good), 10) == [0, 1, 2, 3, 4]
     finally:
         await store.close()
