@@ -509,6 +509,7 @@ class Signer:
         # a quarter of the work of a copy's signature apart from the RSA operation).
         self._canonical: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
         self._last_folded: tuple[tuple[bytes, ...], bytes] | None = None
+        self._clean_body: bytes | None = None   # the last body with CRLF line endings only
 
     @property
     def domains(self) -> frozenset[str]:
@@ -566,7 +567,7 @@ class Signer:
               ) -> tuple[bytes, list[_Pending]]:
         """The normalised message and, per key that signs it, the DKIM-Signature value
         without b= and the digest to sign (fast path) — empty when no key applies."""
-        message = normalize_line_endings(message)
+        message = self._normalised(message)
         headers, body = _split(message)
         keys = self.keys_for(_from_domain(headers), fallback_domain)
         if not keys:
@@ -587,6 +588,24 @@ class Signer:
         bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         self._last_body = (body, bh)
         return bh
+
+    def _normalised(self, message: bytes) -> bytes:
+        """`normalize_line_endings(message)`, the body part skipped when it is the last
+        body found clean (the copies of a message differ in their headers only: three
+        counts over a 50 KB body cost ~60 us a copy). The cut after the first CRLF CRLF
+        splits no CRLF, so normalising the parts gives the normalised whole."""
+        end = message.find(b"\r\n\r\n")
+        if end < 0:
+            return normalize_line_endings(message)
+        body = message[end + 4:]
+        clean = self._clean_body
+        if clean is None or clean != body:
+            if normalize_line_endings(body) != body:
+                return normalize_line_endings(message)
+            self._clean_body = body
+        head = message[:end + 4]
+        normal_head = normalize_line_endings(head)
+        return message if normal_head is head else normal_head + body
 
     def _canonical_field(self, name: bytes, value: bytes) -> tuple[bytes, bytes]:
         """dkimpy's relaxed canonicalisation of one field (RFC 6376 3.4.2), remembered."""

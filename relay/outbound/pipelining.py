@@ -34,18 +34,54 @@ def data_on_wire(body: bytes) -> bytes:
 
     aiosmtplib gets there with two regular-expression substitutions over the whole message
     (370 us for 50 KB here); a queued message has CRLF line endings only (the edge refuses
-    bare CR and LF), and then three counts and one replace give the same bytes (~90 us).
-    A test holds the two equal over arbitrary bytes."""
-    pairs = body.count(b"\r\n")
-    if body.count(b"\r") != pairs or body.count(b"\n") != pairs:
-        return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    if b"\r\n." in body:
-        body = body.replace(b"\r\n.", b"\r\n..")
-    if body.startswith(b"."):
-        body = b"." + body
-    return body + b".\r\n"
+    bare CR and LF), and then counts and one replace give the same bytes. The part after the
+    header section is the same for every copy of a message (per-recipient headers): the last
+    one is kept prepared. A test holds the result equal to aiosmtplib's over arbitrary
+    bytes."""
+    global _last_prepared
+    end = body.find(b"\r\n\r\n")
+    if end >= 0:
+        rest = body[end + 4:]
+        last = _last_prepared
+        if last is not None and last[0] == rest:
+            prepared = last[1]
+        else:
+            prepared = _stuffed_lines(rest, last=True)
+            if prepared is None:
+                return _as_aiosmtplib(body)
+            _last_prepared = (rest, prepared)
+        head = _stuffed_lines(body[:end + 4], last=False)
+        if head is None:
+            return _as_aiosmtplib(body)
+        return head + prepared
+    whole = _stuffed_lines(body, last=True, whole=True)
+    return _as_aiosmtplib(body) if whole is None else whole
+
+
+_last_prepared: tuple[bytes, bytes] | None = None   # (body part, its DATA bytes)
+
+
+def _stuffed_lines(text: bytes, *, last: bool, whole: bool = False) -> bytes | None:
+    """`text`, which starts at a line start, dot-stuffed; the message's `last` part also
+    ends with CRLF and the final dot (an empty last part after a header section follows a
+    CRLF already; an empty `whole` message becomes one empty line). None if it has a bare
+    CR or LF (then aiosmtplib's own rewrite applies)."""
+    pairs = text.count(b"\r\n")
+    if text.count(b"\r") != pairs or text.count(b"\n") != pairs:
+        return None
+    if b"\r\n." in text:
+        text = text.replace(b"\r\n.", b"\r\n..")
+    if text.startswith(b"."):
+        text = b"." + text
+    if not last:
+        return text
+    if (text or whole) and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return text + b".\r\n"
+
+
+def _as_aiosmtplib(body: bytes) -> bytes:
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
 
 
 _CLOSING = 421   # aiosmtplib closes the session on this reply (SMTP.execute_command); so do we

@@ -396,3 +396,26 @@ def test_data_on_wire_of_a_large_clean_message() -> None:
     wire = data_on_wire(body)
     assert wire == PERIOD_REGEX.sub(b"..", normalize_message_line_endings(body)) + b".\r\n"
     assert wire.count(b"\r\n..line") == len(range(0, 5000, 7))
+
+
+_PARTS = [b"\r\n", b"\r", b"\n", b".", b"a", b" ", b"\r\n.", b"\r\n\r\n", b"X: y"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=12),
+       st.lists(st.lists(st.sampled_from(_PARTS), max_size=8), min_size=4, max_size=4),
+       st.lists(st.lists(st.sampled_from(_PARTS), max_size=8), min_size=4, max_size=4))
+def test_data_on_wire_reuses_a_prepared_body_only_when_it_is_the_same(
+        picks: list[tuple[int, int]], heads: list[list[bytes]],
+        bodies: list[list[bytes]]) -> None:
+    """Copies share their body part: the prepared DATA bytes of the last one are reused.
+    Over sequences of messages made of a few header sections and a few bodies (repeated,
+    alternating, clean or not), every result is still aiosmtplib's own."""
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    from relay.outbound.pipelining import data_on_wire
+
+    for h, b in picks:
+        message = b"From: a@b\r\n" + b"".join(heads[h]) + b"\r\n\r\n" + b"".join(bodies[b])
+        expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+        assert data_on_wire(message) == expected, message
