@@ -118,6 +118,11 @@ class Message:
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
         self.body_and_dot = body + b".\r\n"
+        # Every message gets a body of its own: the first line carries its sequence
+        # number (same length), so nothing that remembers a body helps across messages.
+        first = body.find(b"\r\n")
+        self._first_len = first if first >= 24 else 0
+        self._rest_and_dot = self.body_and_dot[first:] if self._first_len else b""
         self._date = ""
         self._date_at = 0.0
 
@@ -127,6 +132,13 @@ class Message:
             self._date = formatdate(now, localtime=False)
             self._date_at = now
         return self._date
+
+    def body_and_dot_for(self, seq: int) -> bytes:
+        """The body (with the final dot) of message `seq`: unique per message."""
+        if not self._first_len:
+            return self.body_and_dot
+        line = f"bench {self.run_id} {seq} ".encode().ljust(self._first_len, b"-")
+        return line[:self._first_len] + self._rest_and_dot
 
     def message_id(self, seq: int) -> str:
         return f"<bench-{self.run_id}-{seq}@bench.test>"
@@ -281,7 +293,7 @@ async def send_one(
         res.refused_by_code[f"RCPT {first_bad_rcpt}"] += 1
         return
 
-    w.write(msg.headers(seq) + msg.body_and_dot)
+    w.write(msg.headers(seq) + msg.body_and_dot_for(seq))
     t0 = time.perf_counter()
     await w.drain()
     code, _ = await client.reply()
