@@ -509,7 +509,6 @@ class Signer:
         # a quarter of the work of a copy's signature apart from the RSA operation).
         self._canonical: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
         self._last_folded: tuple[tuple[bytes, ...], bytes] | None = None
-        self._clean_body: bytes | None = None   # the last body with CRLF line endings only
 
     @property
     def domains(self) -> frozenset[str]:
@@ -590,19 +589,18 @@ class Signer:
         return bh
 
     def _normalised(self, message: bytes) -> bytes:
-        """`normalize_line_endings(message)`, the body part skipped when it is the last
-        body found clean (the copies of a message differ in their headers only: three
+        """`normalize_line_endings(message)`, the body part skipped when it is the body
+        last hashed (the copies of a message differ in their headers only: three
         counts over a 50 KB body cost ~60 us a copy). The cut after the first CRLF CRLF
         splits no CRLF, so normalising the parts gives the normalised whole."""
         end = message.find(b"\r\n\r\n")
         if end < 0:
             return normalize_line_endings(message)
         body = message[end + 4:]
-        clean = self._clean_body
-        if clean is None or clean != body:
-            if normalize_line_endings(body) != body:
-                return normalize_line_endings(message)
-            self._clean_body = body
+        # The body whose hash body_hash keeps came out of a normalised message: clean.
+        last = self._last_body
+        if (last is None or last[0] != body) and normalize_line_endings(body) is not body:
+            return normalize_line_endings(message)
         head = message[:end + 4]
         normal_head = normalize_line_endings(head)
         return message if normal_head is head else normal_head + body
